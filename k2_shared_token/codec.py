@@ -1,0 +1,104 @@
+"""How a token is written into Redis and announced to waiters.
+
+A stored value is ``<fence>:<digest>:<payload>``:
+
+- ``fence`` is the number the writer got when it took the lock; the write script compares it with
+  the newest number handed out, so a writer that stalled past its lease cannot overwrite a newer
+  token (Kleppmann's fencing token);
+- ``digest`` is SHA-256 of the access token (hex, 128 bits), which lets ``invalidate`` compare and
+  delete in Lua without the token itself crossing the wire again;
+- ``payload`` is compact JSON: the token, its type, and the lifetime K2 granted (the refresh
+  windows scale down for short-lived tokens, and every reader must compute the same windows).
+
+The announcement published on the namespace channel is ``T<ttl_ms>:<stored value>`` when a token
+was written (waiters need no extra read) or ``E<error code>`` when the lock holder gave up.
+
+Decoding is strict: anything else under our key (another program's data, a truncated write, a
+different Redis type) is rejected with :class:`CorruptValueError` and read as a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+_VALUE_RE = re.compile(rb"^(\d{1,19}):([0-9a-f]{32}):(.{1,16384})$", re.DOTALL)
+MAX_TOKEN_CHARS = 4096
+
+
+class CorruptValueError(ValueError):
+    """A value under one of our keys that we did not write (or cannot read)."""
+
+
+@dataclass(frozen=True)
+class StoredToken:
+    """The decoded content of the token key."""
+
+    value: str
+    token_type: str
+    lifetime: float
+    fence: int
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()[:32]
+
+
+def encode(value: str, token_type: str, lifetime: float, fence: int) -> bytes:
+    payload = json.dumps(
+        {"access_token": value, "token_type": token_type, "lifetime": lifetime},
+        separators=(",", ":"),
+    )
+    return f"{fence}:{digest(value)}:{payload}".encode()
+
+
+def decode(raw: bytes) -> StoredToken:
+    match = _VALUE_RE.match(raw)
+    if match is None:
+        raise CorruptValueError("not a k2_shared_token value")
+    fence, expected_digest, payload = match.groups()
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        raise CorruptValueError("payload is not JSON") from None
+    if not isinstance(data, dict):
+        raise CorruptValueError("payload is not an object")
+    value, token_type, lifetime = (
+        data.get("access_token"),
+        data.get("token_type"),
+        data.get("lifetime"),
+    )
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_TOKEN_CHARS:
+        raise CorruptValueError("access_token missing or not a string")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        raise CorruptValueError("token_type is not Bearer")
+    if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) or lifetime <= 0:
+        raise CorruptValueError("lifetime missing or not positive")
+    if digest(value).encode() != expected_digest:
+        raise CorruptValueError("digest does not match the token")
+    return StoredToken(value, token_type, float(lifetime), int(fence))
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """A decoded channel message: a token with its TTL at publish time, or a failure code."""
+
+    stored: StoredToken | None
+    ttl_ms: int
+    error_code: str | None
+
+
+def announce_failure(code: str) -> str:
+    return "E" + code
+
+
+def decode_announcement(raw: bytes) -> Announcement:
+    if raw.startswith(b"E"):
+        return Announcement(None, 0, raw[1:65].decode("ascii", "replace"))
+    if raw.startswith(b"T"):
+        ttl, sep, value = raw[1:].partition(b":")
+        if sep and ttl.isdigit():
+            return Announcement(decode(value), int(ttl), None)
+    raise CorruptValueError("not a k2_shared_token announcement")

@@ -1,0 +1,202 @@
+"""Who refreshes and what happens on each failure: the I/O-free core, written once.
+
+Like httpx's auth flow, the logic is a generator that *yields* the I/O it needs (an effect) and
+is sent back the result. A driver performs the effects: :func:`drive` with blocking redis-py and
+requests calls, an asyncio driver with awaited ones. So the sync and asyncio providers share the
+decisions instead of copying them, and the tests can step through a flow by hand.
+
+Errors travel the same way: a driver throws the effect's :class:`K2TokenError` into the
+generator, which decides (give the lock back and tell the waiters, or let it propagate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from .errors import K2TokenError, TokenUnavailableError, error_from_report
+from .freshness import Snapshot, Windows
+
+R = TypeVar("R")
+T = TypeVar("T")
+
+
+class Effect(Generic[R]):
+    """A piece of I/O the flow asks its driver to perform; ``R`` is what it sends back."""
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A token just granted by K2.
+
+    ``expires_in`` counts from ``requested_at`` (monotonic), the moment the request was sent, so
+    time spent in transit shortens the lifetime, never extends it.
+    """
+
+    value: str
+    token_type: str
+    expires_in: int
+    requested_at: float
+
+
+@dataclass(frozen=True)
+class LockAttempt:
+    acquired: bool
+    skipped: bool  # the script judged the token good enough and left the lock alone
+    fence: int  # meaningful only when acquired
+    lock_ttl_ms: int  # meaningful only when not acquired
+    snapshot: Snapshot | None
+    owner: str
+
+
+@dataclass(frozen=True)
+class WaitOutcome:
+    snapshot: Snapshot | None
+    error_code: str | None = None
+
+
+@dataclass(frozen=True)
+class TryLock(Effect[LockAttempt]):
+    min_ttl_ms: int
+
+
+@dataclass(frozen=True)
+class Exchange(Effect[IssuedToken]):
+    pass
+
+
+@dataclass(frozen=True)
+class Publish(Effect[Snapshot]):
+    """Write, wake, release; the driver returns the issued token as a snapshot of our own."""
+
+    lock: LockAttempt
+    issued: IssuedToken
+
+
+@dataclass(frozen=True)
+class Release(Effect[None]):
+    lock: LockAttempt
+    error_code: str = ""
+
+
+@dataclass(frozen=True)
+class Wait(Effect[WaitOutcome]):
+    """Block until a token is announced, the lock holder reports failure, or ``timeout`` ends.
+    The driver re-reads the token after subscribing, so an announcement cannot be missed."""
+
+    timeout: float
+    min_ttl_ms: int
+
+
+Flow = Generator[Effect[Any], Any, T]
+
+
+def perform(effect: Effect[R]) -> Generator[Effect[Any], Any, R]:
+    """``x = yield from perform(e)``: a typed yield."""
+    result: R = yield effect
+    return result
+
+
+def _usable(windows: Windows, snap: Snapshot | None, now: float, *, fresh: bool) -> bool:
+    if snap is None:
+        return False
+    held = windows.hold(snap)
+    return held.is_fresh(now) if fresh else held.is_usable(now)
+
+
+def _lifetime(snap: Snapshot | None) -> float | None:
+    return None if snap is None else snap.stored.lifetime
+
+
+def _exchange_and_publish(lock: LockAttempt) -> Flow[Snapshot]:
+    try:
+        issued = yield from perform(Exchange())
+    except K2TokenError as exc:
+        yield from perform(Release(lock, exc.code))
+        raise
+    return (yield from perform(Publish(lock, issued)))
+
+
+def obtain(
+    windows: Windows, seen: Snapshot | None, deadline: float, clock: Callable[[], float]
+) -> Flow[Snapshot]:
+    """A caller needs a usable token now (cache miss or past ``min_validity``).
+
+    Take the lock and exchange, or wait to be woken by whoever holds it. A holder that dies
+    leaves its lock to expire; the wait is bounded by the lock's remaining lease, after which
+    this caller tries to take the lock over. Gives up with :class:`TokenUnavailableError` at
+    ``deadline``; a failure the holder reports is raised here too, so a fleet does not hammer
+    the endpoint after, say, ``invalid_client``.
+    """
+    force = False
+    while True:
+        threshold = -1 if force else windows.lock_threshold_ms(_lifetime(seen), fresh=False)
+        lock = yield from perform(TryLock(threshold))
+        seen = lock.snapshot or seen
+        if _usable(windows, lock.snapshot, clock(), fresh=False):
+            if lock.acquired:
+                yield from perform(Release(lock))
+            assert lock.snapshot is not None
+            return lock.snapshot
+        if lock.acquired:
+            return (yield from _exchange_and_publish(lock))
+        if lock.skipped:
+            # Redis judged the value good but we cannot use it (unreadable, or its lifetime
+            # shrinks our windows): take the lock regardless on the next attempt.
+            force = True
+            continue
+        remaining = deadline - clock()
+        if remaining <= 0:
+            raise TokenUnavailableError(
+                "no token within wait_timeout: another worker holds the refresh lock"
+            )
+        wake_by = min(remaining, max(lock.lock_ttl_ms, 0) / 1000 + 0.01)
+        outcome = yield from perform(Wait(wake_by, threshold))
+        if outcome.error_code is not None:
+            raise error_from_report(outcome.error_code)
+        if _usable(windows, outcome.snapshot, clock(), fresh=False):
+            assert outcome.snapshot is not None
+            return outcome.snapshot
+
+
+def refresh(
+    windows: Windows, lifetime: float | None, clock: Callable[[], float]
+) -> Flow[Snapshot | None]:
+    """Early refresh, off the callers' path: the current token is still usable.
+
+    Only the worker that wins the lock exchanges; a worker that loses waits for the winner's
+    announcement (so its local copy is replaced the moment the new token exists) but never
+    exchanges itself. Returns ``None`` when nothing newer arrived; errors propagate to the
+    background runner, which logs them and keeps the current token.
+    """
+    threshold = windows.lock_threshold_ms(lifetime, fresh=True)
+    lock = yield from perform(TryLock(threshold))
+    if lock.skipped and not _usable(windows, lock.snapshot, clock(), fresh=True):
+        lock = yield from perform(TryLock(-1))  # unreadable to us, whatever Redis thought
+    if lock.acquired:
+        if _usable(windows, lock.snapshot, clock(), fresh=True):
+            yield from perform(Release(lock))
+            return lock.snapshot
+        return (yield from _exchange_and_publish(lock))
+    if _usable(windows, lock.snapshot, clock(), fresh=True):
+        return lock.snapshot
+    outcome = yield from perform(Wait(max(lock.lock_ttl_ms, 0) / 1000 + 0.01, threshold))
+    if outcome.error_code is not None:
+        raise error_from_report(outcome.error_code)
+    return outcome.snapshot
+
+
+def drive(flow: Flow[T], handle: Callable[[Effect[Any]], Any]) -> T:
+    """Run a flow with blocking I/O: perform each effect, send back its result or error."""
+    result: Any = None
+    error: K2TokenError | None = None
+    while True:
+        try:
+            effect = flow.throw(error) if error is not None else flow.send(result)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        try:
+            result, error = handle(effect), None
+        except K2TokenError as exc:
+            result, error = None, exc

@@ -1,0 +1,296 @@
+"""The provider a worker builds once and asks before every K2 call.
+
+Data flows one way: the caller asks :meth:`SharedTokenProvider.get`; the per-process copy (L1)
+answers while it is fresh; otherwise Redis is read; on a miss the in-process single flight lets
+one thread run the :func:`flow.obtain` core against the Redis lock and the exchange client.
+
+Hot path: one attribute read and one ``time.monotonic()`` comparison, no lock, no Redis. How
+stale that copy may be is bounded by ``local_max_age`` (default 60 s) and by the refresh window;
+a 401 seen through :meth:`auth` or an :meth:`invalidate` drops it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import redis as redis_lib
+import requests
+
+from . import flow
+from .access_token import AccessToken, fingerprint
+from .auth import K2BearerAuth
+from .background import BackgroundRefresh
+from .errors import ConfigurationError, K2TokenError
+from .exchange import ExchangeClient
+from .freshness import Held, Snapshot, Windows
+from .redis_layout import Keys
+from .settings import SANDBOX_URL, Settings
+from .singleflight import SingleFlight
+from .store import RedisStore
+
+log = logging.getLogger("k2_shared_token")
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+_live: weakref.WeakSet[SharedTokenProvider] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for provider in list(_live):
+        provider._reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def redis_client(url: str, timeout: float) -> Any:
+    """A redis-py client with short timeouts: a partition must cost a caller about ``timeout``,
+    not redis-py's default of seconds per retry."""
+    return redis_lib.Redis.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
+    )
+
+
+class SharedTokenProvider:
+    """One K2 access token, shared by every process that uses the same Redis and credentials.
+
+    Build one per process (or one before fork: children reset what must not be shared) and call
+    :meth:`get_token` before each K2 request, or use :meth:`auth` with a requests session.
+    """
+
+    def __init__(
+        self,
+        *,
+        client_id: str,
+        client_secret: str,
+        base_url: str = SANDBOX_URL,
+        redis: str | Any = DEFAULT_REDIS_URL,
+        refresh_ahead: float = 300,
+        min_validity: float = 30,
+        lock_lease: float = 15,
+        wait_timeout: float = 20,
+        key_prefix: str = "k2",
+        local_cache: bool = True,
+        local_max_age: float = 60,
+        exchange_deadline: float | None = None,
+        connect_timeout: float = 3.05,
+        read_timeout: float = 10,
+        max_attempts: int = 4,
+        redis_timeout: float = 1.0,
+        allow_insecure_http: bool = False,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.settings = s = Settings.build(
+            client_id=client_id,
+            client_secret=client_secret,
+            base_url=base_url,
+            key_prefix=key_prefix,
+            refresh_ahead=refresh_ahead,
+            min_validity=min_validity,
+            lock_lease=lock_lease,
+            wait_timeout=wait_timeout,
+            exchange_deadline=exchange_deadline,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_attempts=max_attempts,
+            local_cache=local_cache,
+            local_max_age=local_max_age,
+            allow_insecure_http=allow_insecure_http,
+        )
+        if isinstance(redis, str):
+            if not redis.strip():
+                raise ConfigurationError("redis must be a Redis URL or a redis-py client")
+            try:
+                client = redis_client(redis, redis_timeout)
+            except ValueError as exc:
+                raise ConfigurationError(f"redis URL is not valid: {exc}") from None
+            self._owns_redis = True
+        elif redis is None or not hasattr(redis, "register_script"):
+            raise ConfigurationError("redis must be a Redis URL or a redis-py client")
+        else:
+            client, self._owns_redis = redis, False
+        self._windows = Windows(s.refresh_ahead, s.min_validity, s.local_max_age)
+        self._store = RedisStore(
+            client, Keys.for_namespace(s.key_prefix, s.namespace), s.lock_lease, s.namespace
+        )
+        self._exchange = ExchangeClient(s, session)
+        self._held: Held | None = None
+        self._generation = 0
+        self._flight: SingleFlight[Held] = SingleFlight()
+        self._background = BackgroundRefresh(self._refresh_job, f"k2-token-refresh-{s.namespace}")
+        _live.add(self)
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> SharedTokenProvider:
+        """Build from ``K2_CLIENT_ID``, ``K2_CLIENT_SECRET``, ``K2_BASE_URL`` (default: sandbox)
+        and ``K2_REDIS_URL`` (else ``REDIS_URL``); keyword arguments override them."""
+        env = os.environ if environ is None else environ
+        kwargs: dict[str, Any] = {
+            "client_id": env.get("K2_CLIENT_ID", ""),
+            "client_secret": env.get("K2_CLIENT_SECRET", ""),
+            "base_url": env.get("K2_BASE_URL") or SANDBOX_URL,
+            "redis": env.get("K2_REDIS_URL") or env.get("REDIS_URL") or DEFAULT_REDIS_URL,
+        }
+        kwargs.update(overrides)
+        missing = [n for n in ("client_id", "client_secret") if not kwargs[n]]
+        if missing:
+            names = " and ".join(f"K2_{n.upper()}" for n in missing)
+            raise ConfigurationError(f"{names} must be set (environment or keyword argument)")
+        return cls(**kwargs)
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return f"SharedTokenProvider(namespace={s.namespace!r}, base_url={s.base_url!r})"
+
+    @property
+    def namespace(self) -> str:
+        return self.settings.namespace
+
+    @property
+    def keys(self) -> Keys:
+        return self._store.keys
+
+    # -- the hot path ------------------------------------------------------------------------
+
+    def get(self) -> AccessToken:
+        """A token with at least ``min_validity`` seconds left (or, right after an exchange,
+        whatever lifetime K2 granted)."""
+        held = self._held
+        if held is not None:
+            now = time.monotonic()
+            if now < held.recheck_at:
+                return held.token
+            if now < held.usable_until:
+                self._background.kick()
+                return held.token
+        return self._get_slow()
+
+    def get_token(self) -> str:
+        return self.get().value
+
+    # -- the slow path -----------------------------------------------------------------------
+
+    def _get_slow(self) -> AccessToken:
+        snap = self._store.read()
+        if snap is not None:
+            held = self._windows.hold(snap)
+            now = time.monotonic()
+            if held.is_usable(now):
+                self._adopt(held, self._generation)
+                if not held.is_fresh(now):
+                    self._background.kick()
+                return held.token
+        s = self.settings
+        return self._flight.run(lambda: self._obtain(snap), s.wait_timeout + s.lock_lease).token
+
+    def _obtain(self, seen: Snapshot | None) -> Held:
+        generation = self._generation
+        deadline = time.monotonic() + self.settings.wait_timeout
+        snap = flow.drive(flow.obtain(self._windows, seen, deadline, time.monotonic), self._do)
+        held = self._windows.hold(snap)
+        self._adopt(held, generation)
+        return held
+
+    def _refresh_job(self) -> float | None:
+        """Background: refresh or re-confirm the token; returns a pause after a failure."""
+        held, generation = self._held, self._generation
+        lifetime = held.lifetime if held is not None else None
+        try:
+            snap = flow.drive(flow.refresh(self._windows, lifetime, time.monotonic), self._do)
+        except K2TokenError as exc:
+            pause = self._windows.retry_interval(lifetime or self.settings.refresh_ahead * 2)
+            log.warning(
+                "namespace %s: early refresh failed (%s: %s); serving the current token, "
+                "next try in %.1f s",
+                self.namespace,
+                type(exc).__name__,
+                exc,
+                pause,
+            )
+            return pause
+        if snap is None:
+            return 0.0
+        self._adopt(self._windows.hold(snap), generation)
+        return None
+
+    def _adopt(self, held: Held, generation: int) -> None:
+        """Keep ``held`` as this process's copy, unless an invalidation happened meanwhile."""
+        if self.settings.local_cache and generation == self._generation:
+            self._held = held
+
+    def _do(self, effect: flow.Effect[Any]) -> Any:
+        """Perform one effect of the core with blocking I/O."""
+        match effect:
+            case flow.TryLock(min_ttl_ms=min_ttl_ms):
+                return self._store.try_lock(min_ttl_ms)
+            case flow.Exchange():
+                issued = self._exchange.fetch()
+                log.info(
+                    "namespace %s: exchanged a new token %s, valid %d s",
+                    self.namespace,
+                    fingerprint(issued.value),
+                    issued.expires_in,
+                )
+                return issued
+            case flow.Publish(lock=lock, issued=issued):
+                return self._store.publish(lock, issued)
+            case flow.Release(lock=lock, error_code=code):
+                return self._store.release(lock, code)
+            case flow.Wait(timeout=timeout, min_ttl_ms=min_ttl_ms):
+                return self._store.wait(timeout, min_ttl_ms)
+        raise TypeError(f"unknown effect {effect!r}")  # pragma: no cover
+
+    # -- invalidation and auth ---------------------------------------------------------------
+
+    def invalidate(self, token: str | AccessToken) -> bool:
+        """Forget ``token`` here and, if it is still the shared one, in Redis.
+
+        Compare-and-delete: a hundred workers reporting the same dead token cause one refresh,
+        and a worker reporting an old token never deletes the new one. True if Redis held it.
+        """
+        value = token.value if isinstance(token, AccessToken) else token
+        held = self._held
+        if held is not None and held.token.value == value:
+            self._generation += 1
+            self._held = None
+        deleted = self._store.invalidate(value)
+        log.info(
+            "namespace %s: token %s invalidated (%s)",
+            self.namespace,
+            fingerprint(value),
+            "was shared" if deleted else "no longer shared",
+        )
+        return deleted
+
+    def auth(self) -> requests.auth.AuthBase:
+        """A requests auth that sends ``Authorization: Bearer ...`` and, on a 401, invalidates
+        the token and retries the request once with a fresh one."""
+        return K2BearerAuth(self)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _reset_after_fork(self) -> None:
+        self._flight = SingleFlight()
+        self._background.reset_after_fork()
+        self._exchange.reset_after_fork()
+
+    def close(self) -> None:
+        """Wait briefly for a running background refresh, then close what we opened."""
+        self._background.join(self.settings.lock_lease)
+        self._exchange.close()
+        if self._owns_redis:
+            self._store.client.close()
+        _live.discard(self)
+
+    def __enter__(self) -> SharedTokenProvider:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

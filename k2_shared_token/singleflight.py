@@ -1,0 +1,48 @@
+"""One in-flight call per process: the other threads wait for its result.
+
+Only the leader thread talks to the Redis lock; in a 32-thread worker that is one lock attempt
+and one subscription instead of 32. Followers get the leader's result or its exception.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Generic, TypeVar
+
+from .errors import TokenUnavailableError
+
+T = TypeVar("T")
+
+
+class SingleFlight(Generic[T]):
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current: Future[T] | None = None
+
+    def run(self, call: Callable[[], T], follower_timeout: float) -> T:
+        with self._lock:
+            future = self._current
+            leader = future is None
+            if future is None:
+                future = self._current = Future()
+        if not leader:
+            try:
+                return future.result(follower_timeout)
+            except FutureTimeout:
+                raise TokenUnavailableError(
+                    "no token within wait_timeout: this process's refresh is still running"
+                ) from None
+        try:
+            result = call()
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            with self._lock:
+                self._current = None

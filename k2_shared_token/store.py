@@ -1,0 +1,171 @@
+"""The Redis side, for blocking redis-py clients: keys, scripts and the waiter's subscription.
+
+One method per script in :mod:`.redis_layout`, each one round trip. Every redis error becomes a
+:class:`SharedCacheError` (chained), so callers never see a raw redis exception, and every value
+read back goes through :func:`codec.decode`: a value that is not ours reads as a miss, logged
+once per distinct problem, and is overwritten by the next write.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis
+
+from . import codec, redis_layout
+from .errors import SharedCacheError
+from .flow import IssuedToken, LockAttempt, WaitOutcome
+from .freshness import Snapshot
+from .redis_layout import Keys
+
+log = logging.getLogger("k2_shared_token.store")
+
+T = TypeVar("T")
+
+
+def _guard(what: str, call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except redis.RedisError as exc:
+        raise SharedCacheError(f"Redis failed during {what}: {type(exc).__name__}") from exc
+
+
+class RedisStore:
+    """All Redis I/O of one namespace."""
+
+    def __init__(self, client: Any, keys: Keys, lock_lease: float, namespace: str) -> None:
+        self.client = client
+        self.keys = keys
+        self.namespace = namespace
+        self._lease_ms = int(lock_lease * 1000)
+        self._read = client.register_script(redis_layout.READ)
+        self._try_lock = client.register_script(redis_layout.TRY_LOCK)
+        self._publish = client.register_script(redis_layout.PUBLISH)
+        self._release = client.register_script(redis_layout.RELEASE)
+        self._invalidate = client.register_script(redis_layout.INVALIDATE)
+
+    def snapshot(self, raw: bytes | str | None, ttl_ms: int) -> Snapshot | None:
+        """Decode a raw value, treating anything unreadable or expiring as a miss."""
+        if raw is None or ttl_ms <= 0:
+            return None
+        if isinstance(raw, str):  # a client built with decode_responses=True
+            raw = raw.encode()
+        try:
+            stored = codec.decode(raw)
+        except codec.CorruptValueError as exc:
+            log.warning(
+                "namespace %s: ignoring unreadable token value (%s); it will be overwritten",
+                self.namespace,
+                exc,
+            )
+            return None
+        return Snapshot(stored, ttl_ms, time.monotonic(), time.time())
+
+    def read(self) -> Snapshot | None:
+        raw, ttl = _guard("read", lambda: self._read(keys=[self.keys.token]))
+        return self.snapshot(raw, int(ttl))
+
+    def try_lock(self, min_ttl_ms: int) -> LockAttempt:
+        owner = secrets.token_hex(16)
+        outcome, number, raw, ttl = _guard(
+            "lock",
+            lambda: self._try_lock(
+                keys=[self.keys.token, self.keys.lock, self.keys.fence],
+                args=[owner, self._lease_ms, min_ttl_ms],
+            ),
+        )
+        got = outcome == 1
+        return LockAttempt(
+            acquired=got,
+            skipped=outcome == 2,
+            fence=int(number) if got else 0,
+            lock_ttl_ms=int(number) if outcome == 0 else 0,
+            snapshot=self.snapshot(raw, int(ttl)),
+            owner=owner,
+        )
+
+    def publish(self, lock: LockAttempt, issued: IssuedToken) -> Snapshot:
+        now, wall = time.monotonic(), time.time()
+        ttl_ms = int((issued.expires_in - (now - issued.requested_at)) * 1000)
+        stored = codec.StoredToken(issued.value, issued.token_type, issued.expires_in, lock.fence)
+        if ttl_ms > 0:
+            value = codec.encode(stored.value, stored.token_type, stored.lifetime, stored.fence)
+            written = _guard(
+                "publish",
+                lambda: self._publish(
+                    keys=[self.keys.token, self.keys.lock, self.keys.fence],
+                    args=[lock.owner, lock.fence, value, ttl_ms, self.keys.channel],
+                ),
+            )
+            if not written:
+                log.warning(
+                    "namespace %s: a newer lock holder exists; this token was kept "
+                    "local and not shared",
+                    self.namespace,
+                )
+        return Snapshot(stored, max(ttl_ms, 0), now, wall)
+
+    def release(self, lock: LockAttempt, error_code: str) -> None:
+        message = codec.announce_failure(error_code) if error_code else ""
+        _guard(
+            "release",
+            lambda: self._release(
+                keys=[self.keys.lock], args=[lock.owner, self.keys.channel, message]
+            ),
+        )
+
+    def invalidate(self, token: str) -> bool:
+        return bool(
+            _guard(
+                "invalidate",
+                lambda: self._invalidate(keys=[self.keys.token], args=[codec.digest(token)]),
+            )
+        )
+
+    def wait(self, timeout: float, min_ttl_ms: int) -> WaitOutcome:
+        """Subscribe, re-read, then block on the channel until an announcement or ``timeout``.
+
+        The re-read after the subscription is confirmed closes the gap in which a token written
+        between the caller's last read and the subscription would otherwise be missed.
+        """
+        deadline = time.monotonic() + timeout
+        pubsub = self.client.pubsub()
+        try:
+            return _guard("wait", lambda: self._wait(pubsub, deadline, min_ttl_ms))
+        finally:
+            _guard("unsubscribe", pubsub.close)
+
+    def _wait(self, pubsub: Any, deadline: float, min_ttl_ms: int) -> WaitOutcome:
+        pubsub.subscribe(self.keys.channel)
+        subscribed = False
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return WaitOutcome(None)
+            message = pubsub.get_message(timeout=left)
+            if message is None:
+                continue
+            if message["type"] == "subscribe":
+                subscribed = True
+                snap = self.read()
+                if snap is not None and snap.ttl_ms > min_ttl_ms:
+                    return WaitOutcome(snap)
+                continue
+            if message["type"] != "message" or not subscribed:
+                continue
+            try:
+                data = message["data"]
+                ann = codec.decode_announcement(data.encode() if isinstance(data, str) else data)
+            except codec.CorruptValueError as exc:
+                log.warning(
+                    "namespace %s: ignoring unreadable announcement (%s)", self.namespace, exc
+                )
+                continue
+            if ann.error_code is not None:
+                return WaitOutcome(None, ann.error_code)
+            assert ann.stored is not None
+            return WaitOutcome(Snapshot(ann.stored, ann.ttl_ms, time.monotonic(), time.time()))

@@ -1,0 +1,373 @@
+"""The provider against a real redis-server and the fake K2 server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
+
+import pytest
+import redis
+import requests
+
+from k2_shared_token import (
+    AccessToken,
+    InvalidCredentialsError,
+    InvalidTokenResponseError,
+    SharedTokenProvider,
+    TokenEndpointError,
+)
+from k2_shared_token.codec import decode
+from k2_shared_token.fake_server import Fault, FakeK2Server
+
+from .conftest import CLIENT_SECRET, command_calls
+
+Make = Callable[..., SharedTokenProvider]
+
+
+def test_cold_get_exchanges_once_and_shares_through_redis(
+    make_provider: Make, fake_k2: FakeK2Server, redis_client: redis.Redis
+) -> None:
+    first, second = make_provider(), make_provider()
+    token = first.get_token()
+    assert second.get_token() == token
+    assert fake_k2.exchanges == 1
+    assert fake_k2.is_valid(token)
+    stored = decode(redis_client.get(first.keys.token))
+    assert stored.value == token
+
+
+def test_redis_ttl_is_the_remaining_lifetime(
+    make_provider: Make, fake_k2: FakeK2Server, redis_client: redis.Redis
+) -> None:
+    fake_k2.expires_in = 1800
+    provider = make_provider()
+    token = provider.get()
+    ttl = redis_client.pttl(provider.keys.token) / 1000
+    assert 1799 <= ttl <= 1800
+    assert abs(token.seconds_left() - ttl) <= 1
+
+
+def test_reused_token_with_shrinking_expires_in_keeps_its_real_ttl(
+    make_provider: Make, fake_k2: FakeK2Server, redis_client: redis.Redis
+) -> None:
+    fake_k2.token_mode = "reuse"
+    fake_k2.expires_in = 3600
+    first = make_provider(key_prefix="a").get_token()  # the server's live token: 3600 s
+    # The server clock moves on: reuse replies now carry the *remaining* lifetime.
+    redis_client.flushall()
+    fake_k2_reply = fake_k2.issued[-1]
+    provider = make_provider(key_prefix="b")
+    token = provider.get()
+    assert token.value == first
+    left = fake_k2_reply.expires_in - (time.monotonic() - fake_k2_reply.issued_at)
+    ttl = redis_client.pttl(provider.keys.token) / 1000
+    assert abs(ttl - left) <= 1
+    assert fake_k2.issued[-1].reused
+
+
+def test_warm_worker_answers_from_memory_without_redis(
+    make_provider: Make, redis_client: redis.Redis
+) -> None:
+    provider = make_provider()
+    token = provider.get_token()
+    before = command_calls(redis_client, "evalsha") + command_calls(redis_client, "eval")
+    for _ in range(10_000):
+        assert provider.get_token() == token
+    after = command_calls(redis_client, "evalsha") + command_calls(redis_client, "eval")
+    assert after == before
+
+
+def test_without_local_cache_every_call_is_one_redis_round_trip(
+    make_provider: Make, redis_client: redis.Redis
+) -> None:
+    provider = make_provider(local_cache=False)
+    provider.get_token()
+    scripts = command_calls(redis_client, "evalsha")
+    before = redis_client.info("stats")["total_commands_processed"]
+    for _ in range(100):
+        provider.get_token()
+    after = redis_client.info("stats")["total_commands_processed"]
+    # One EVALSHA per call; Redis also counts the script's own GET and PTTL, and our INFO.
+    assert command_calls(redis_client, "evalsha") - scripts == 100
+    assert after - before == 100 * 3 + 1
+
+
+def test_invalidate_is_compare_and_delete(
+    make_provider: Make, fake_k2: FakeK2Server, redis_client: redis.Redis
+) -> None:
+    provider = make_provider()
+    old = provider.get_token()
+    assert provider.invalidate(old) is True
+    new = provider.get_token()
+    assert new != old
+    # A late report of the old token must not delete the new one.
+    assert provider.invalidate(old) is False
+    assert decode(redis_client.get(provider.keys.token)).value == new
+    assert provider.get_token() == new
+    assert fake_k2.exchanges == 2
+
+
+def test_invalidate_drops_the_local_copy_at_once(make_provider: Make) -> None:
+    a, b = make_provider(), make_provider()
+    token = a.get_token()
+    assert b.get_token() == token  # b now holds it in memory
+    b.invalidate(AccessToken(token, "Bearer", 0))
+    assert b.get_token() != token
+
+
+def test_two_client_ids_never_share_a_token(
+    redis_server, fake_k2: FakeK2Server
+) -> None:
+    fake_k2_clients = {"client-one": "secret-one", "client-two": "secret-two"}
+    with FakeK2Server(clients=fake_k2_clients) as server:
+        common = {"base_url": server.base_url, "redis": redis_server.url}
+        with (
+            SharedTokenProvider(client_id="client-one", client_secret="secret-one", **common) as a,
+            SharedTokenProvider(client_id="client-two", client_secret="secret-two", **common) as b,
+        ):
+            assert a.namespace != b.namespace
+            assert a.get_token() != b.get_token()
+            assert server.exchanges == 2
+
+
+def test_two_base_urls_never_share_a_token(redis_server) -> None:
+    with FakeK2Server() as one, FakeK2Server() as two:
+        from k2_shared_token.fake_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+
+        common = {
+            "client_id": DEFAULT_CLIENT_ID,
+            "client_secret": DEFAULT_CLIENT_SECRET,
+            "redis": redis_server.url,
+        }
+        with (
+            SharedTokenProvider(base_url=one.base_url, **common) as a,
+            SharedTokenProvider(base_url=two.base_url, **common) as b,
+        ):
+            ta, tb = a.get_token(), b.get_token()
+            assert ta != tb
+            assert one.is_valid(ta) and not one.is_valid(tb)
+            assert two.is_valid(tb) and not two.is_valid(ta)
+
+
+def test_keys_share_one_cluster_hash_slot(make_provider: Make) -> None:
+    from redis.crc import key_slot
+
+    keys = make_provider().keys
+    slots = {key_slot(k.encode()) for k in (keys.token, keys.lock, keys.fence)}
+    assert len(slots) == 1
+    assert f"{{{make_provider().namespace}}}" in keys.token
+
+
+def test_invalid_credentials_raise_after_exactly_one_request(
+    redis_server, fake_k2: FakeK2Server, redis_client: redis.Redis
+) -> None:
+    provider = SharedTokenProvider(
+        client_id="unknown-client", client_secret="wrong", base_url=fake_k2.base_url,
+        redis=redis_server.url,
+    )
+    with pytest.raises(InvalidCredentialsError):
+        provider.get_token()
+    assert fake_k2.token_requests == 1
+    assert redis_client.get(provider.keys.token) is None
+    assert redis_client.get(provider.keys.lock) is None  # the lock was given back
+    provider.close()
+
+
+def test_503_503_200_succeeds_on_the_third_request(
+    make_provider: Make, fake_k2: FakeK2Server
+) -> None:
+    fake_k2.inject(Fault.status(503), Fault.status(503))
+    assert make_provider().get_token()
+    assert fake_k2.token_requests == 3
+    assert fake_k2.exchanges == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<html><body>502 Bad Gateway</body></html>",
+        b'{"access_token": "abc", "token_type": "Bearer", "expires_in": 36',
+        b'{"access_token": 12345, "token_type": "Bearer", "expires_in": 3600}',
+        b'{"access_token": "abc", "token_type": "mac", "expires_in": 3600}',
+        b'{"access_token": "abc", "token_type": "Bearer", "expires_in": "3600"}',
+        b'["not", "an", "object"]',
+    ],
+)
+def test_garbage_bodies_raise_and_cache_nothing(
+    make_provider: Make, fake_k2: FakeK2Server, redis_client: redis.Redis, body: bytes
+) -> None:
+    fake_k2.inject(*[Fault.garbage(body)] * 2)
+    provider = make_provider(max_attempts=2)
+    with pytest.raises(InvalidTokenResponseError) as info:
+        provider.get_token()
+    assert isinstance(info.value, TokenEndpointError)
+    assert body.decode() not in str(info.value)
+    assert redis_client.keys(f"{provider.settings.key_prefix}:*token") == []
+
+
+def test_refresh_ahead_one_exchange_while_callers_keep_the_current_token(
+    make_provider: Make, fake_k2: FakeK2Server, redis_client: redis.Redis
+) -> None:
+    fake_k2.expires_in = 600
+    workers = [make_provider(refresh_ahead=120, min_validity=10) for _ in range(4)]
+    old = workers[0].get_token()
+    for w in workers:
+        assert w.get_token() == old
+    # Move the shared token into the refresh window: 100 s left < refresh_ahead.
+    redis_client.pexpire(workers[0].keys.token, 100_000)
+    for w in workers:
+        w._held = None  # as if their local copies had reached local_max_age
+    fake_k2.pause_tokens()
+    try:
+        # The refresh is stuck inside K2; every caller must still get the old token at once.
+        for _ in range(50):
+            for w in workers:
+                assert w.get_token() == old
+        assert fake_k2.wait_for_token_requests(2, timeout=5)
+    finally:
+        fake_k2.resume_tokens()
+    for w in workers:
+        assert w._background.join(5)
+    assert fake_k2.exchanges == 2
+    new = decode(redis_client.get(workers[0].keys.token)).value
+    assert new != old
+    assert {w.get_token() for w in workers} == {new}
+
+
+def test_failed_early_refresh_keeps_serving_the_current_token(
+    make_provider: Make, fake_k2: FakeK2Server, redis_client: redis.Redis, all_logs
+) -> None:
+    provider = make_provider(refresh_ahead=120, min_validity=10, local_cache=False,
+                             max_attempts=1)
+    old = provider.get_token()
+    redis_client.pexpire(provider.keys.token, 100_000)
+    fake_k2.inject(Fault.status(400))
+    assert provider.get_token() == old
+    assert provider._background.join(5)
+    assert provider.get_token() == old
+    assert any("early refresh failed" in r.getMessage() for r in all_logs.records)
+
+
+def test_token_below_min_validity_is_never_handed_out(
+    make_provider: Make, fake_k2: FakeK2Server, redis_client: redis.Redis
+) -> None:
+    provider = make_provider(refresh_ahead=120, min_validity=30, local_cache=False)
+    old = provider.get_token()
+    redis_client.pexpire(provider.keys.token, 20_000)  # 20 s left < min_validity
+    assert provider.get_token() != old
+    assert fake_k2.exchanges == 2
+
+
+def test_corrupt_value_is_a_miss_and_is_overwritten(
+    make_provider: Make, redis_client: redis.Redis, all_logs
+) -> None:
+    provider = make_provider()
+    redis_client.set(provider.keys.token, b"not ours", px=600_000)
+    token = provider.get_token()
+    assert decode(redis_client.get(provider.keys.token)).value == token
+    assert any("unreadable" in r.getMessage() for r in all_logs.records)
+
+
+def test_value_of_another_redis_type_is_a_miss_and_is_overwritten(
+    make_provider: Make, redis_client: redis.Redis
+) -> None:
+    provider = make_provider()
+    redis_client.hset(provider.keys.token, "field", "value")
+    token = provider.get_token()
+    assert decode(redis_client.get(provider.keys.token)).value == token
+
+
+def test_auth_recovers_from_a_revoked_token_with_one_retry(
+    make_provider: Make, fake_k2: FakeK2Server
+) -> None:
+    provider = make_provider()
+    session = requests.Session()
+    session.auth = provider.auth()
+    assert session.get(f"{fake_k2.base_url}/api/v1/ping", timeout=5).status_code == 200
+    fake_k2.revoke_token(provider.get_token())
+    reply = session.get(f"{fake_k2.base_url}/api/v1/ping", timeout=5)
+    assert reply.status_code == 200
+    assert [r.status_code for r in reply.history] == [401]
+    assert fake_k2.exchanges == 2
+    session.close()
+
+
+def test_auth_retries_only_once(make_provider: Make) -> None:
+    """An API that rejects every token: one retry, then the 401 is the caller's to see."""
+    seen: list[str] = []
+
+    class AlwaysUnauthorized(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers["Authorization"])
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), AlwaysUnauthorized)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        provider = make_provider()
+        with requests.Session() as session:
+            session.auth = provider.auth()
+            reply = session.get(f"http://127.0.0.1:{server.server_port}/api", timeout=5)
+        assert reply.status_code == 401
+        assert [r.status_code for r in reply.history] == [401]
+        assert len(seen) == 2 and seen[0] != seen[1]  # the retry carried a new token
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_32_threads_single_flight_one_lock_attempt(
+    make_provider: Make, fake_k2: FakeK2Server, redis_client: redis.Redis
+) -> None:
+    provider = make_provider()
+    barrier = threading.Barrier(32)
+    tokens: list[str] = []
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        barrier.wait()
+        try:
+            tokens.append(provider.get_token())
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert len(tokens) == 32 and len(set(tokens)) == 1
+    assert fake_k2.exchanges == 1
+    # One SET for the lock, one for the token: only one thread went to the lock.
+    assert command_calls(redis_client, "set") == 2
+
+
+def test_secret_never_reaches_redis_logs_or_reprs(
+    make_provider: Make, fake_k2: FakeK2Server, redis_client: redis.Redis, all_logs
+) -> None:
+    provider = make_provider()
+    token = provider.get()
+    fake_k2.inject(Fault.status(503))
+    provider.invalidate(token)
+    provider.get()
+    for key in redis_client.scan_iter():
+        assert CLIENT_SECRET.encode() not in key
+        assert provider.settings.client_id.encode() not in key
+        if redis_client.type(key) == b"string":
+            assert CLIENT_SECRET.encode() not in redis_client.get(key)
+    texts = [r.getMessage() for r in all_logs.records] + [
+        repr(provider), str(provider), repr(token), str(token), repr(provider.settings),
+        repr(provider.auth()),
+    ]
+    for text in texts:
+        assert CLIENT_SECRET not in text
+        assert token.value not in text
