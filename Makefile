@@ -1,11 +1,12 @@
 # Two commands on a fresh machine with only Python 3 and make:
 #   make demo   - the main job on an embedded Redis and the fake K2 server
 #   make test   - lint, type-check and the whole test suite
+#   make bench  - benchmarks (results in benchmarks/results/)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint pytest clean
+.PHONY: demo test lint pytest bench clean
 
 $(VENV)/.embedded: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,13 +22,16 @@ demo: $(VENV)/.embedded
 	$(PY) -m k2_shared_token demo
 
 lint: $(VENV)/.test
-	$(VENV)/bin/ruff check k2_shared_token tests benchmarks
+	$(VENV)/bin/ruff check k2_shared_token tests benchmarks examples
 	$(VENV)/bin/mypy
 
 pytest: $(VENV)/.test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test: lint pytest
+
+bench: $(VENV)/.embedded
+	$(PY) benchmarks/bench_hot_path.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

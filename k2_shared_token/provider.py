@@ -20,6 +20,8 @@ from typing import Any
 
 import redis as redis_lib
 import requests
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from . import flow
 from .access_token import AccessToken, fingerprint
@@ -49,10 +51,17 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def redis_client(url: str, timeout: float) -> Any:
-    """A redis-py client with short timeouts: a partition must cost a caller about ``timeout``,
-    not redis-py's default of seconds per retry."""
+    """A redis-py client with short timeouts and one immediate retry.
+
+    The retry survives a connection Redis dropped (a restart, an idle timeout); more retries
+    with backoff, redis-py's default, would turn a partition into seconds of stall per call.
+    """
     return redis_lib.Redis.from_url(
-        url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        health_check_interval=30,
+        retry=Retry(NoBackoff(), 1),
     )
 
 
