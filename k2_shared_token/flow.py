@@ -11,6 +11,7 @@ generator, which decides (give the lock back and tell the waiters, or let it pro
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -113,7 +114,10 @@ def _exchange_and_publish(lock: LockAttempt) -> Flow[Snapshot]:
     try:
         issued = yield from perform(Exchange())
     except K2TokenError as exc:
-        yield from perform(Release(lock, exc.code))
+        # Give the lock back and tell the waiters why. If Redis fails here too, the lease frees
+        # the lock anyway; the exchange error is the one the caller can act on.
+        with contextlib.suppress(K2TokenError):
+            yield from perform(Release(lock, exc.code))
         raise
     return (yield from perform(Publish(lock, issued)))
 

@@ -292,7 +292,7 @@ class SharedTokenProvider:
 
     def close(self) -> None:
         """Wait briefly for a running background refresh, then close what we opened."""
-        self._background.join(self.settings.lock_lease)
+        self._background.join(1.0)
         self._exchange.close()
         if self._owns_redis:
             self._store.client.close()

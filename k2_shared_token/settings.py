@@ -19,7 +19,7 @@ from .errors import ConfigurationError
 SANDBOX_URL = "https://sandbox.kopokopo.com"
 PRODUCTION_URL = "https://api.kopokopo.com"
 
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 def _is_loopback(host: str) -> bool:
@@ -122,7 +122,7 @@ class Settings:
             if not isinstance(value, str) or not value.strip():
                 raise ConfigurationError(f"{name} must be a non-empty string")
         url = normalise_base_url(base_url, allow_insecure_http=allow_insecure_http)
-        if not isinstance(key_prefix, str) or not _PREFIX_RE.match(key_prefix):
+        if not isinstance(key_prefix, str) or not _PREFIX_RE.fullmatch(key_prefix):
             raise ConfigurationError(
                 "key_prefix must be 1-64 characters of letters, digits, '_', '.', ':' or '-' "
                 "(no braces: the namespace supplies the Redis Cluster hash tag)"

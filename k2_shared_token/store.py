@@ -47,6 +47,7 @@ class RedisStore:
         self._publish = client.register_script(redis_layout.PUBLISH)
         self._release = client.register_script(redis_layout.RELEASE)
         self._invalidate = client.register_script(redis_layout.INVALIDATE)
+        self._last_decoded: tuple[bytes, codec.StoredToken] | None = None
 
     def snapshot(self, raw: bytes | str | None, ttl_ms: int) -> Snapshot | None:
         """Decode a raw value, treating anything unreadable or expiring as a miss."""
@@ -54,8 +55,10 @@ class RedisStore:
             return None
         if isinstance(raw, str):  # a client built with decode_responses=True
             raw = raw.encode()
+        last = self._last_decoded
         try:
-            stored = codec.decode(raw)
+            # Most reads return the bytes of the previous one: skip the JSON and digest work.
+            stored = last[1] if last is not None and last[0] == raw else codec.decode(raw)
         except codec.CorruptValueError as exc:
             log.warning(
                 "namespace %s: ignoring unreadable token value (%s); it will be overwritten",
@@ -63,6 +66,7 @@ class RedisStore:
                 exc,
             )
             return None
+        self._last_decoded = (raw, stored)
         return Snapshot(stored, ttl_ms, time.monotonic(), time.time())
 
     def read(self) -> Snapshot | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 import json
 import math
+import re
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -37,7 +38,20 @@ _REJECTED = {
     "invalid_scope",
     "invalid_grant",
 }
-_MAX_OAUTH_CODE = 64
+# RFC 6750 b64token: what a bearer token may look like on the wire (ASCII only).
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_RETRY_AFTER_SECONDS = re.compile(r"[0-9]{1,9}")
+MAX_EXPIRES_IN = 10 * 366 * 86400  # anything longer is not a K2 reply we understand
+# OAuth error codes we name in messages; anything else in that field is not repeated, since a
+# reply can put arbitrary text (an echoed credential, say) where the code should be.
+_KNOWN_ERRORS = _REJECTED | {
+    "invalid_client",
+    "invalid_token",
+    "server_error",
+    "temporarily_unavailable",
+    "access_denied",
+    "rate_limited",
+}
 
 
 def form(client_id: str, client_secret: str) -> dict[str, str]:
@@ -53,7 +67,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _RETRY_AFTER_SECONDS.fullmatch(value):
         return float(min(int(value), 86400))
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -65,14 +79,13 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def _oauth_error(body: bytes) -> str | None:
+    """The reply's OAuth ``error`` code if it is one we know, else ``None``."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     error = data.get("error") if isinstance(data, dict) else None
-    if isinstance(error, str) and 0 < len(error) <= _MAX_OAUTH_CODE and error.isprintable():
-        return error
-    return None
+    return error if isinstance(error, str) and error in _KNOWN_ERRORS else None
 
 
 def _valid_created_at(value: object) -> bool:
@@ -117,14 +130,14 @@ def parse_token_reply(status: int, headers: Mapping[str, str], body: bytes) -> t
     problem = None
     if not isinstance(token, str) or not token.strip():
         problem = "access_token is missing or not a non-empty string"
-    elif len(token) > MAX_TOKEN_CHARS or not token.isprintable() or " " in token:
-        problem = "access_token is not a plausible bearer token"
+    elif len(token) > MAX_TOKEN_CHARS or not _BEARER_TOKEN.fullmatch(token):
+        problem = "access_token is not a bearer token (RFC 6750 syntax)"
     elif not isinstance(token_type, str) or token_type.lower() != "bearer":
         problem = "token_type is missing or not Bearer"
     elif isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)):
         problem = "expires_in is missing or not a number"
-    elif not math.isfinite(expires_in) or expires_in != int(expires_in) or expires_in <= 0:
-        problem = "expires_in is not a positive integer"
+    elif not 0 < expires_in <= MAX_EXPIRES_IN or expires_in != math.floor(expires_in):
+        problem = "expires_in is not a positive integer number of seconds"
     elif "created_at" in data and not _valid_created_at(data["created_at"]):
         problem = "created_at is neither an integer nor an ISO-8601 string"
     if problem is not None:

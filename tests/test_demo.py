@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+
+from k2_shared_token.embedded_redis import EmbeddedRedis
+from k2_shared_token.fake_server import FakeK2Server
+
+from .conftest import CLIENT_ID, CLIENT_SECRET
 
 pytestmark = pytest.mark.fleet
 
@@ -63,3 +69,48 @@ def test_cli_reports_missing_configuration_with_a_clear_error() -> None:
     )
     assert result.returncode == 2
     assert "K2_CLIENT_ID" in result.stderr
+
+
+def test_demo_against_a_given_k2_server_counts_exchanges_from_redis(
+    fake_k2: FakeK2Server, redis_server: EmbeddedRedis
+) -> None:
+    """The 'real credentials' path, pointed at a fake server the test owns."""
+    fake_k2.expires_in = 60
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "k2_shared_token",
+            "demo",
+            "--json",
+            "--processes",
+            "2",
+            "--threads",
+            "2",
+            "--duration",
+            "2",
+            "--redis-url",
+            redis_server.url,
+            "--base-url",
+            fake_k2.base_url,
+            "--client-id",
+            CLIENT_ID,
+            "--client-secret",
+            CLIENT_SECRET,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=_clean_env(),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    assert summary["exchanges"] == fake_k2.exchanges == 1
+    assert summary["token_lifetime_s"] == 60
+    assert summary["api_calls"] == 0
+    assert CLIENT_SECRET not in result.stdout + result.stderr
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("K2_", "REDIS_URL"))}

@@ -232,11 +232,6 @@ def test_good_key_prefix_accepted(prefix: str) -> None:
     assert build(key_prefix=prefix).key_prefix == prefix
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _PREFIX_RE ends with '$', which also matches before a trailing newline, "
-    "so key_prefix='k2\\n' passes validation (should use fullmatch or '\\Z')",
-)
 def test_key_prefix_with_trailing_newline_refused() -> None:
     with pytest.raises(ConfigurationError, match="key_prefix"):
         build(key_prefix="k2\n")
@@ -251,6 +246,16 @@ def test_namespace_is_16_hex_characters() -> None:
 
 def test_namespace_differs_for_different_client_ids() -> None:
     assert build(client_id="app-one").namespace != build(client_id="app-two").namespace
+
+
+def test_namespace_differs_for_client_ids_differing_only_in_case() -> None:
+    assert build(client_id="AppOne").namespace != build(client_id="appone").namespace
+
+
+def test_namespace_differs_for_different_base_paths() -> None:
+    first = build(base_url="https://proxy.example/Tenant-A")
+    assert first.namespace != build(base_url="https://proxy.example/tenant-a").namespace
+    assert first.namespace != build(base_url="https://proxy.example").namespace
 
 
 def test_namespace_differs_for_sandbox_and_production() -> None:
