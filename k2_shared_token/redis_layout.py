@@ -42,14 +42,14 @@ if type(v) == 'table' then v = '!wrongtype' end
 READ = (
     _READ_CACHED
     + """
-if not v then return {false, -2} end
-return {v, redis.call('PTTL', KEYS[1])}
+return {v, redis.call('PTTL', KEYS[1]), redis.call('PTTL', KEYS[2])}
 """
 )
-"""Read the token and its remaining lifetime in one round trip.
+"""Read the token, its remaining lifetime and the lock's, in one round trip.
 
-KEYS: token. Returns ``{value or nil, pttl}``. The PTTL comes from Redis's clock, so every pod
-agrees on the expiry whatever its own clock says.
+KEYS: token, lock. Returns ``{value or nil, token_pttl, lock_pttl}``. The PTTLs come from Redis's
+clock, so every pod agrees on the expiry whatever its own clock says. A waiter uses the lock's
+PTTL to notice that the holder finished before the waiter subscribed.
 """
 
 TRY_LOCK = (

@@ -70,8 +70,13 @@ class RedisStore:
         return Snapshot(stored, ttl_ms, time.monotonic(), time.time())
 
     def read(self) -> Snapshot | None:
-        raw, ttl = _guard("read", lambda: self._read(keys=[self.keys.token]))
-        return self.snapshot(raw, int(ttl))
+        return self._read_with_lock()[0]
+
+    def _read_with_lock(self) -> tuple[Snapshot | None, int]:
+        raw, ttl, lock_ttl = _guard(
+            "read", lambda: self._read(keys=[self.keys.token, self.keys.lock])
+        )
+        return self.snapshot(raw, int(ttl)), int(lock_ttl)
 
     def try_lock(self, min_ttl_ms: int) -> LockAttempt:
         owner = secrets.token_hex(16)
@@ -134,7 +139,8 @@ class RedisStore:
         """Subscribe, re-read, then block on the channel until an announcement or ``timeout``.
 
         The re-read after the subscription is confirmed closes the gap in which a token written
-        between the caller's last read and the subscription would otherwise be missed.
+        (or a lock released) between the caller's last look and the subscription would
+        otherwise be missed: the caller would sit out the rest of the lease for nothing.
         """
         deadline = time.monotonic() + timeout
         pubsub = self.client.pubsub()
@@ -155,9 +161,11 @@ class RedisStore:
                 continue
             if message["type"] == "subscribe":
                 subscribed = True
-                snap = self.read()
+                snap, lock_ttl = self._read_with_lock()
                 if snap is not None and snap.ttl_ms > min_ttl_ms:
                     return WaitOutcome(snap)
+                if lock_ttl == -2:  # the holder finished before we listened: try again now
+                    return WaitOutcome(None)
                 continue
             if message["type"] != "message" or not subscribed:
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -13,11 +14,14 @@ import requests
 from redis.crc import key_slot
 
 from k2_shared_token import (
+    SANDBOX_URL,
     AccessToken,
+    ConfigurationError,
     InvalidCredentialsError,
     InvalidTokenResponseError,
     SharedTokenProvider,
     TokenEndpointError,
+    TokenUnavailableError,
 )
 from k2_shared_token.codec import decode
 from k2_shared_token.fake_server import (
@@ -27,7 +31,7 @@ from k2_shared_token.fake_server import (
     Fault,
 )
 
-from .conftest import CLIENT_SECRET, command_calls
+from .conftest import CLIENT_SECRET, command_calls, provider_kwargs
 
 Make = Callable[..., SharedTokenProvider]
 
@@ -95,9 +99,9 @@ def test_without_local_cache_every_call_is_one_redis_round_trip(
     for _ in range(100):
         provider.get_token()
     after = redis_client.info("stats")["total_commands_processed"]
-    # One EVALSHA per call; Redis also counts the script's own GET and PTTL, and our INFO.
+    # One EVALSHA per call; Redis also counts the commands inside it (GET, 2 PTTL) and our INFO.
     assert command_calls(redis_client, "evalsha") - scripts == 100
-    assert after - before == 100 * 3 + 1
+    assert after - before == 100 * 4 + 1
 
 
 def test_invalidate_is_compare_and_delete(
@@ -376,3 +380,84 @@ def test_secret_never_reaches_redis_logs_or_reprs(
     for text in texts:
         assert CLIENT_SECRET not in text
         assert token.value not in text
+
+
+def test_waiter_gives_up_after_wait_timeout_while_another_worker_holds_the_lock(
+    make_provider: Make, fake_k2: FakeK2Server, redis_client: redis.Redis
+) -> None:
+    provider = make_provider(wait_timeout=0.5, lock_lease=5)
+    redis_client.set(provider.keys.lock, b"another-worker", px=5_000)
+    with pytest.raises(TokenUnavailableError):
+        provider.get_token()
+    assert fake_k2.token_requests == 0
+    assert redis_client.get(provider.keys.lock) == b"another-worker"  # not ours to release
+
+
+def test_waiters_are_told_when_the_holder_fails_and_do_not_ask_again(
+    redis_server, fake_k2: FakeK2Server
+) -> None:
+    """invalid_client seen by the lock holder reaches a waiting worker without a 2nd request."""
+    kwargs = provider_kwargs(redis_server.url, fake_k2.base_url, client_secret="wrong")
+    holder, waiter = SharedTokenProvider(**kwargs), SharedTokenProvider(**kwargs)
+    fake_k2.pause_tokens()
+    errors: list[BaseException] = []
+
+    def ask(p: SharedTokenProvider) -> None:
+        try:
+            p.get_token()
+        except BaseException as exc:
+            errors.append(exc)
+
+    first = threading.Thread(target=ask, args=(holder,))
+    first.start()
+    assert fake_k2.wait_for_token_requests(1, timeout=5)  # the holder is inside K2
+    second = threading.Thread(target=ask, args=(waiter,))
+    second.start()
+    # The waiter is subscribed once its re-read happened; give it the announcement.
+    deadline = time.monotonic() + 5
+    client = redis.Redis.from_url(redis_server.url)
+    while not client.pubsub_numsub(waiter.keys.channel)[0][1] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    fake_k2.resume_tokens()
+    first.join(10)
+    second.join(10)
+    assert len(errors) == 2
+    assert all(isinstance(e, InvalidCredentialsError) for e in errors)
+    assert fake_k2.token_requests == 1
+    holder.close()
+    waiter.close()
+    client.close()
+
+
+def test_from_env_reads_the_documented_variables(redis_server, fake_k2: FakeK2Server) -> None:
+    env = {
+        "K2_CLIENT_ID": DEFAULT_CLIENT_ID,
+        "K2_CLIENT_SECRET": DEFAULT_CLIENT_SECRET,
+        "K2_BASE_URL": fake_k2.base_url,
+        "REDIS_URL": redis_server.url,
+    }
+    with SharedTokenProvider.from_env(env) as provider:
+        assert fake_k2.is_valid(provider.get_token())
+    with pytest.raises(ConfigurationError, match="K2_CLIENT_SECRET"):
+        SharedTokenProvider.from_env({"K2_CLIENT_ID": "x"})
+    with SharedTokenProvider.from_env({}, client_id="a", client_secret="b") as defaults:
+        assert defaults.settings.base_url == SANDBOX_URL
+
+
+def test_a_provider_built_before_fork_works_in_the_child(make_provider: Make) -> None:
+    provider = make_provider()
+    token = provider.get_token()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: inherited copy still valid, and a fresh exchange path works
+        try:
+            ok = provider.get_token() == token
+            provider.invalidate(token)
+            ok = ok and provider.get_token() != token
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    assert os.read(read, 1) == b"1"
+    os.close(read)
+    os.waitpid(pid, 0)
