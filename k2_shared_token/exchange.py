@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import requests
 import urllib3
@@ -53,7 +54,8 @@ class ExchangeClient:
         ):
             with attempt:
                 n = attempt.retry_state.attempt_number
-                return self._attempt(started + s.exchange_deadline, n)
+                issued = self._attempt(started + s.exchange_deadline, n)
+                return replace(issued, took=time.monotonic() - started)
         raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
 
     def _attempt(self, deadline: float, number: int) -> IssuedToken:
@@ -62,7 +64,7 @@ class ExchangeClient:
         if left <= 0.05:
             raise TokenEndpointUnavailableError("exchange deadline reached before an attempt")
         timeout = (min(s.connect_timeout, left), min(s.read_timeout, left))
-        requested_at = time.monotonic()
+        requested_at, requested_at_wall = time.monotonic(), time.time()
         try:
             with self._session.post(
                 s.token_url,
@@ -87,7 +89,7 @@ class ExchangeClient:
             log.warning("token exchange attempt %d: %s", number, exc)
             raise
         log.debug("token exchange attempt %d: granted for %d s", number, expires_in)
-        return IssuedToken(token, token_type, expires_in, requested_at)
+        return IssuedToken(token, token_type, expires_in, requested_at, requested_at_wall, 0.0)
 
     def _unavailable(self, what: str, number: int) -> TokenEndpointUnavailableError:
         log.warning("token exchange attempt %d %s", number, what)

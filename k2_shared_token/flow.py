@@ -39,6 +39,8 @@ class IssuedToken:
     token_type: str
     expires_in: int
     requested_at: float
+    requested_at_wall: float  # the same instant on the wall clock, for status displays
+    took: float  # seconds the exchange took, retries included
 
 
 @dataclass(frozen=True)
@@ -55,11 +57,13 @@ class LockAttempt:
 class WaitOutcome:
     snapshot: Snapshot | None
     error_code: str | None = None
+    timed_out: bool = False  # nothing was announced before the timeout (the lease, usually)
 
 
 @dataclass(frozen=True)
 class TryLock(Effect[LockAttempt]):
     min_ttl_ms: int
+    after_timeout: bool = False  # the last wait saw nothing: acquiring now is a takeover
 
 
 @dataclass(frozen=True)
@@ -133,10 +137,10 @@ def obtain(
     ``deadline``; a failure the holder reports is raised here too, so a fleet does not hammer
     the endpoint after, say, ``invalid_client``.
     """
-    force = False
+    force = timed_out = False
     while True:
         threshold = -1 if force else windows.lock_threshold_ms(_lifetime(seen), fresh=False)
-        lock = yield from perform(TryLock(threshold))
+        lock = yield from perform(TryLock(threshold, timed_out))
         seen = lock.snapshot or seen
         if _usable(windows, lock.snapshot, clock(), fresh=False):
             if lock.acquired:
@@ -162,6 +166,7 @@ def obtain(
         if _usable(windows, outcome.snapshot, clock(), fresh=False):
             assert outcome.snapshot is not None
             return outcome.snapshot
+        timed_out = outcome.timed_out
 
 
 def refresh(

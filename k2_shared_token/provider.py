@@ -15,7 +15,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import redis as redis_lib
@@ -23,13 +23,14 @@ import requests
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import flow
+from . import flow, metrics
 from .access_token import AccessToken, fingerprint
 from .auth import K2BearerAuth
 from .background import BackgroundRefresh
 from .errors import ConfigurationError, K2TokenError
 from .exchange import ExchangeClient
 from .freshness import Held, Snapshot, Windows
+from .metrics import Hook, Metrics
 from .redis_layout import Keys
 from .settings import SANDBOX_URL, Settings
 from .singleflight import SingleFlight
@@ -93,6 +94,7 @@ class SharedTokenProvider:
         redis_timeout: float = 1.0,
         allow_insecure_http: bool = False,
         session: requests.Session | None = None,
+        hooks: Iterable[Hook] = (),
     ) -> None:
         self.settings = s = Settings.build(
             client_id=client_id,
@@ -130,6 +132,8 @@ class SharedTokenProvider:
         self._exchange = ExchangeClient(s, session)
         self._held: Held | None = None
         self._generation = 0
+        self._local_hits = 0  # the hot path's counter: a bare int, no lock (may lag a little)
+        self._metrics = Metrics(s.namespace, hooks)
         self._flight: SingleFlight[Held] = SingleFlight()
         self._background = BackgroundRefresh(self._refresh_job, f"k2-token-refresh-{s.namespace}")
         _live.add(self)
@@ -175,8 +179,10 @@ class SharedTokenProvider:
         if held is not None:
             now = time.monotonic()
             if now < held.recheck_at:
+                self._local_hits += 1
                 return held.token
             if now < held.usable_until:
+                self._local_hits += 1
                 self._background.kick()
                 return held.token
         return self._get_slow()
@@ -192,6 +198,7 @@ class SharedTokenProvider:
             held = self._windows.hold(snap)
             now = time.monotonic()
             if held.is_usable(now):
+                self._metrics.record(metrics.SHARED_HIT)
                 self._adopt(held, self._generation)
                 if not held.is_fresh(now):
                     self._background.kick()
@@ -200,6 +207,7 @@ class SharedTokenProvider:
         return self._flight.run(lambda: self._obtain(snap), s.wait_timeout + s.lock_lease).token
 
     def _obtain(self, seen: Snapshot | None) -> Held:
+        self._metrics.record(metrics.MISS)
         generation = self._generation
         deadline = time.monotonic() + self.settings.wait_timeout
         snap = flow.drive(flow.obtain(self._windows, seen, deadline, time.monotonic), self._do)
@@ -214,6 +222,7 @@ class SharedTokenProvider:
         try:
             snap = flow.drive(flow.refresh(self._windows, lifetime, time.monotonic), self._do)
         except K2TokenError as exc:
+            self._metrics.record(metrics.REFRESH_FAILED)
             pause = self._windows.retry_interval(lifetime or self.settings.refresh_ahead * 2)
             log.warning(
                 "namespace %s: early refresh failed (%s: %s); serving the current token, "
@@ -237,10 +246,23 @@ class SharedTokenProvider:
     def _do(self, effect: flow.Effect[Any]) -> Any:
         """Perform one effect of the core with blocking I/O."""
         match effect:
-            case flow.TryLock(min_ttl_ms=min_ttl_ms):
-                return self._store.try_lock(min_ttl_ms)
+            case flow.TryLock(min_ttl_ms=min_ttl_ms, after_timeout=after_timeout):
+                attempt = self._store.try_lock(min_ttl_ms)
+                if attempt.acquired and after_timeout:
+                    self._metrics.record(metrics.LOCK_TAKEOVER)
+                    log.warning(
+                        "namespace %s: took over the refresh lock after its holder's lease ran out",
+                        self.namespace,
+                    )
+                return attempt
             case flow.Exchange():
-                issued = self._exchange.fetch()
+                started = time.monotonic()
+                try:
+                    issued = self._exchange.fetch()
+                except K2TokenError:
+                    self._metrics.record(metrics.EXCHANGE_FAILED, time.monotonic() - started)
+                    raise
+                self._metrics.record(metrics.EXCHANGE_OK, issued.took)
                 log.info(
                     "namespace %s: exchanged a new token %s, valid %d s",
                     self.namespace,
@@ -253,7 +275,11 @@ class SharedTokenProvider:
             case flow.Release(lock=lock, error_code=code):
                 return self._store.release(lock, code)
             case flow.Wait(timeout=timeout, min_ttl_ms=min_ttl_ms):
-                return self._store.wait(timeout, min_ttl_ms)
+                started = time.monotonic()
+                try:
+                    return self._store.wait(timeout, min_ttl_ms)
+                finally:
+                    self._metrics.record(metrics.WAIT, time.monotonic() - started)
         raise TypeError(f"unknown effect {effect!r}")  # pragma: no cover
 
     # -- invalidation and auth ---------------------------------------------------------------
@@ -285,7 +311,17 @@ class SharedTokenProvider:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    def stats(self) -> dict[str, float]:
+        """This process's counters (see :mod:`k2_shared_token.metrics`) and time sums
+        (``<event>_seconds``)."""
+        out: dict[str, float] = {metrics.LOCAL_HIT: self._local_hits}
+        out.update(self._metrics.counts())
+        out.update({f"{name}_seconds": t for name, t in self._metrics.seconds().items()})
+        return out
+
     def _reset_after_fork(self) -> None:
+        self._local_hits = 0
+        self._metrics.reset_after_fork()
         self._flight = SingleFlight()
         self._background.reset_after_fork()
         self._exchange.reset_after_fork()

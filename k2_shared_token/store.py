@@ -9,7 +9,9 @@ once per distinct problem, and is overwritten by the next write.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -25,6 +27,13 @@ from .redis_layout import Keys
 log = logging.getLogger("k2_shared_token.store")
 
 T = TypeVar("T")
+
+
+def lock_owner() -> str:
+    """``host:pid:acquired_ms:random``: unique, and it tells an operator who holds the lock and
+    since when (``k2-token status``)."""
+    host = socket.gethostname()[:64].replace(":", "_")
+    return f"{host}:{os.getpid()}:{int(time.time() * 1000)}:{secrets.token_hex(8)}"
 
 
 def _guard(what: str, call: Callable[[], T]) -> T:
@@ -79,7 +88,7 @@ class RedisStore:
         return self.snapshot(raw, int(ttl)), int(lock_ttl)
 
     def try_lock(self, min_ttl_ms: int) -> LockAttempt:
-        owner = secrets.token_hex(16)
+        owner = lock_owner()
         outcome, number, raw, ttl = _guard(
             "lock",
             lambda: self._try_lock(
@@ -100,9 +109,23 @@ class RedisStore:
     def publish(self, lock: LockAttempt, issued: IssuedToken) -> Snapshot:
         now, wall = time.monotonic(), time.time()
         ttl_ms = int((issued.expires_in - (now - issued.requested_at)) * 1000)
-        stored = codec.StoredToken(issued.value, issued.token_type, issued.expires_in, lock.fence)
+        stored = codec.StoredToken(
+            issued.value,
+            issued.token_type,
+            issued.expires_in,
+            lock.fence,
+            issued.requested_at_wall,
+            int(issued.took * 1000),
+        )
         if ttl_ms > 0:
-            value = codec.encode(stored.value, stored.token_type, stored.lifetime, stored.fence)
+            value = codec.encode(
+                stored.value,
+                stored.token_type,
+                stored.lifetime,
+                stored.fence,
+                issued_at=stored.issued_at,
+                took_ms=stored.took_ms,
+            )
             written = _guard(
                 "publish",
                 lambda: self._publish(
@@ -155,7 +178,7 @@ class RedisStore:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                return WaitOutcome(None)
+                return WaitOutcome(None, timed_out=True)
             message = pubsub.get_message(timeout=left)
             if message is None:
                 continue

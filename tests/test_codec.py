@@ -52,12 +52,27 @@ def test_round_trip_keeps_every_field() -> None:
 
 
 def test_encoded_layout_is_fence_digest_payload() -> None:
-    raw = encode(TOKEN, "Bearer", 60, 3)
+    raw = encode(TOKEN, "Bearer", 60, 3, issued_at=1_700_000_000.5, took_ms=120)
     fence, token_digest, body = raw.split(b":", 2)
     assert fence == b"3"
     assert token_digest == digest(TOKEN).encode()
     assert len(token_digest) == 32
-    assert json.loads(body) == {"access_token": TOKEN, "token_type": "Bearer", "lifetime": 60}
+    assert json.loads(body) == {
+        "access_token": TOKEN,
+        "token_type": "Bearer",
+        "lifetime": 60,
+        "issued_at": 1_700_000_000.5,
+        "took_ms": 120,
+    }
+    stored = decode(raw)
+    assert (stored.issued_at, stored.took_ms) == (1_700_000_000.5, 120)
+
+
+@pytest.mark.parametrize("odd", ['"yesterday"', "-5", "true", "1e300", "null"])
+def test_odd_provenance_fields_read_as_zero_not_corrupt(odd: str) -> None:
+    payload = f'{{"access_token":"{TOKEN}","token_type":"Bearer","lifetime":60,"issued_at":{odd}}}'
+    stored = decode(f"1:{digest(TOKEN)}:{payload}".encode())
+    assert stored.issued_at == 0.0
 
 
 @pytest.mark.parametrize("fence", [0, 1, 10**18, 10**19 - 1])

@@ -112,7 +112,7 @@ def lost(lock_ttl_ms: int = 4000, snapshot: Snapshot | None = None) -> LockAttem
     return attempt(lock_ttl_ms=lock_ttl_ms, snapshot=snapshot)
 
 
-ISSUED = IssuedToken(NEW_TOKEN, "Bearer", 3600, requested_at=1000.0)
+ISSUED = IssuedToken(NEW_TOKEN, "Bearer", 3600, 1000.0, 1_700_000_000.0, 0.1)
 PUBLISHED = snap(3600, value=NEW_TOKEN)
 
 
