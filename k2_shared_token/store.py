@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import redis
 
 from . import codec, redis_layout
+from .access_token import fingerprint
 from .errors import SharedCacheError
 from .flow import IssuedToken, LockAttempt, WaitOutcome
 from .freshness import Snapshot
@@ -149,6 +150,51 @@ class RedisStore:
                 keys=[self.keys.lock], args=[lock.owner, self.keys.channel, message]
             ),
         )
+
+    def clear(self) -> bool:
+        """Unconditional delete of the shared token (``k2-token invalidate --force``)."""
+        return bool(_guard("clear", lambda: self.client.delete(self.keys.token)))
+
+    def status(self) -> dict[str, Any]:
+        """The shared state of this namespace, for operators; never the token itself."""
+
+        def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for key in (self.keys.token, self.keys.lock):
+                pipe.get(key)
+                pipe.pttl(key)
+            pipe.get(self.keys.fence)
+            return list(pipe.execute())
+
+        raw, ttl, owner, lock_ttl, fence = _guard("status", read)
+        now = time.time()
+        out: dict[str, Any] = {
+            "namespace": self.namespace,
+            "token": None,
+            "lock": None,
+            "lock_acquisitions": int(fence or 0),
+        }
+        snap = self.snapshot(raw, int(ttl))
+        if snap is not None:
+            stored = snap.stored
+            out["token"] = {
+                "fingerprint": fingerprint(stored.value),
+                "seconds_left": round(snap.ttl_ms / 1000, 3),
+                "lifetime": stored.lifetime,
+                "issued_at": stored.issued_at or None,
+                "exchange_seconds": stored.took_ms / 1000,
+            }
+        if owner is not None:
+            text = owner.decode(errors="replace") if isinstance(owner, bytes) else str(owner)
+            host, pid, since_ms, _ = [*text.split(":", 3), "", "", ""][:4]
+            since = int(since_ms) / 1000 if since_ms.isascii() and since_ms.isdigit() else None
+            out["lock"] = {
+                "host": host,
+                "pid": int(pid) if pid.isascii() and pid.isdigit() else None,
+                "held_for_seconds": round(now - since, 3) if since else None,
+                "lease_left_seconds": round(int(lock_ttl) / 1000, 3),
+            }
+        return out
 
     def invalidate(self, token: str) -> bool:
         return bool(
