@@ -21,10 +21,12 @@ import json
 import math
 import multiprocessing
 import os
+import queue
 import sys
 import threading
 import time
 from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -186,25 +188,46 @@ def _run_fleet(
     start.wait(120)
     started = time.monotonic()
     reports: list[WorkerReport] = []
-    while len(reports) < len(procs):
-        with contextlib.suppress(Exception):
-            reports.append(results.get(timeout=1.0))
-        if not args.json:
-            elapsed = min(time.monotonic() - started, args.duration)
-            done = int(40 * elapsed / args.duration)
-            exchanges = fake.exchanges if fake else "?"
-            sys.stderr.write(
-                f"\r[{'#' * done}{'.' * (40 - done)}] {elapsed:5.1f}s "
-                f"calls={progress.value:<9} exchanges={exchanges}"
-            )
-            sys.stderr.flush()
-        if time.monotonic() - started > args.duration + 60:
-            break
-    if not args.json:
-        sys.stderr.write("\n")
+    with _live_display(args) as show:
+        while len(reports) < len(procs):
+            with contextlib.suppress(queue.Empty):
+                reports.append(results.get(timeout=0.25))
+            show(time.monotonic() - started, progress.value, fake.exchanges if fake else None)
+            if time.monotonic() - started > args.duration + 60:
+                break
     for p in procs:
         p.join(10)
     return reports
+
+
+@contextlib.contextmanager
+def _live_display(
+    args: argparse.Namespace,
+) -> Iterator[Callable[[float, int, int | None], None]]:
+    """A rich progress bar with live counters on stderr (nothing with ``--json``)."""
+    if args.json:
+        yield lambda elapsed, calls, exchanges: None
+        return
+    # rich comes with the 'embedded' extra, like the redis-server binary: the rest of the
+    # package (and `k2-token get`) must not need it.
+    from rich.console import Console  # noqa: PLC0415
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
+
+    columns = (
+        TextColumn("[bold]fleet"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        TextColumn("calls [cyan]{task.fields[calls]:>9}"),
+        TextColumn("exchanges [green]{task.fields[exchanges]}"),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task("fleet", total=args.duration, calls=0, exchanges="-")
+
+        def show(elapsed: float, calls: int, exchanges: int | None) -> None:
+            shown = "?" if exchanges is None else exchanges
+            bar.update(task, completed=min(elapsed, args.duration), calls=calls, exchanges=shown)
+
+        yield show
 
 
 def _summarise(
