@@ -279,8 +279,13 @@ class FakeK2Server:
         legacy_errors: bool = False,
         host: str = "127.0.0.1",
         port: int = 0,
+        listen_all: bool = False,
     ) -> None:
-        if host not in _LOOPBACK_HOSTS:
+        # A test double should not be reachable from a network; the one exception is a
+        # container (docker-compose), where other containers must reach it by name.
+        if listen_all:
+            host = "0.0.0.0"  # noqa: S104 - asked for explicitly, for containers only
+        elif host not in _LOOPBACK_HOSTS:
             raise ValueError(f"the fake K2 server binds only 127.0.0.1 or ::1, not {host!r}")
         self._clients: dict[str, str] = dict(
             clients if clients is not None else {DEFAULT_CLIENT_ID: DEFAULT_CLIENT_SECRET}
@@ -1006,6 +1011,11 @@ class _Handler(BaseHTTPRequestHandler):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Shared with the package CLI so ``k2-token fake-server`` and ``python -m`` agree."""
     parser.add_argument("--host", default="127.0.0.1", choices=sorted(_LOOPBACK_HOSTS))
+    parser.add_argument(
+        "--listen-all",
+        action="store_true",
+        help="bind 0.0.0.0, for a container that other containers reach by name",
+    )
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
     parser.add_argument("--client-id", default=DEFAULT_CLIENT_ID)
     parser.add_argument("--client-secret", default=DEFAULT_CLIENT_SECRET)
@@ -1033,6 +1043,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         legacy_errors=bool(args.legacy_errors),
         host=str(args.host),
         port=int(args.port),
+        listen_all=bool(args.listen_all),
     )
     stop = threading.Event()
 

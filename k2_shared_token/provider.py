@@ -142,8 +142,14 @@ class SharedTokenProvider:
     def from_env(
         cls, environ: Mapping[str, str] | None = None, **overrides: Any
     ) -> SharedTokenProvider:
-        """Build from ``K2_CLIENT_ID``, ``K2_CLIENT_SECRET``, ``K2_BASE_URL`` (default: sandbox)
-        and ``K2_REDIS_URL`` (else ``REDIS_URL``); keyword arguments override them."""
+        """Build from the environment; keyword arguments override it.
+
+        Required: ``K2_CLIENT_ID``, ``K2_CLIENT_SECRET``. Optional: ``K2_BASE_URL`` (default:
+        sandbox), ``K2_REDIS_URL`` (else ``REDIS_URL``), and the tuning knobs
+        ``K2_REFRESH_AHEAD``, ``K2_MIN_VALIDITY``, ``K2_LOCK_LEASE``, ``K2_WAIT_TIMEOUT``
+        (seconds), ``K2_KEY_PREFIX`` and ``K2_ALLOW_INSECURE_HTTP=1`` (plain http to a non-loopback
+        host, e.g. the fake server in docker-compose), so a deployment is configured in one place.
+        """
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {
             "client_id": env.get("K2_CLIENT_ID", ""),
@@ -151,6 +157,17 @@ class SharedTokenProvider:
             "base_url": env.get("K2_BASE_URL") or SANDBOX_URL,
             "redis": env.get("K2_REDIS_URL") or env.get("REDIS_URL") or DEFAULT_REDIS_URL,
         }
+        for name in ("refresh_ahead", "min_validity", "lock_lease", "wait_timeout"):
+            raw = env.get(f"K2_{name.upper()}")
+            if raw:
+                try:
+                    kwargs[name] = float(raw)
+                except ValueError:
+                    raise ConfigurationError(f"K2_{name.upper()} must be seconds") from None
+        if env.get("K2_KEY_PREFIX"):
+            kwargs["key_prefix"] = env["K2_KEY_PREFIX"]
+        if env.get("K2_ALLOW_INSECURE_HTTP", "").lower() in ("1", "true", "yes"):
+            kwargs["allow_insecure_http"] = True
         kwargs.update(overrides)
         missing = [n for n in ("client_id", "client_secret") if not kwargs[n]]
         if missing:

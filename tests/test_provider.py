@@ -442,6 +442,14 @@ def test_from_env_reads_the_documented_variables(redis_server, fake_k2: FakeK2Se
         SharedTokenProvider.from_env({"K2_CLIENT_ID": "x"})
     with SharedTokenProvider.from_env({}, client_id="a", client_secret="b") as defaults:
         assert defaults.settings.base_url == SANDBOX_URL
+    tuned = {**env, "K2_REFRESH_AHEAD": "120", "K2_MIN_VALIDITY": "10", "K2_LOCK_LEASE": "8",
+             "K2_WAIT_TIMEOUT": "9", "K2_KEY_PREFIX": "pay"}  # fmt: skip
+    with SharedTokenProvider.from_env(tuned) as provider:
+        s = provider.settings
+        assert (s.refresh_ahead, s.min_validity, s.lock_lease, s.wait_timeout) == (120, 10, 8, 9)
+        assert provider.keys.token.startswith("pay:{")
+    with pytest.raises(ConfigurationError, match="K2_LOCK_LEASE"):
+        SharedTokenProvider.from_env({**env, "K2_LOCK_LEASE": "soon"})
 
 
 def test_a_provider_built_before_fork_works_in_the_child(make_provider: Make) -> None:
