@@ -58,14 +58,15 @@ class WorkerJob:
     api_url: str | None
     threads: int
     duration: float
-    start: Any  # Barrier: the whole fleet starts together
+    ready: Any  # Semaphore: released by each thread once its process is set up
+    go: Any  # Event: the whole fleet starts together when it is set
     progress: Any  # Value: calls served so far, for the live display
     results: Any  # Queue of WorkerReport
 
 
 def _worker(job: WorkerJob) -> None:
     provider = SharedTokenProvider(**job.kwargs)
-    api_url, duration, start, progress = job.api_url, job.duration, job.start, job.progress
+    api_url, duration, progress = job.api_url, job.duration, job.progress
     latencies = array("d")
     errors: list[str] = []
     counts = {"api": 0, "api_failed": 0}
@@ -75,7 +76,8 @@ def _worker(job: WorkerJob) -> None:
         session = requests.Session()
         session.auth = provider.auth()
         local = array("d")
-        start.wait(120)
+        job.ready.release()
+        job.go.wait()
         end = time.monotonic() + duration
         next_check = time.monotonic()
         while (now := time.monotonic()) < end:
@@ -176,16 +178,23 @@ def _run_fleet(
     args: argparse.Namespace, kwargs: dict[str, Any], fake: FakeK2Server | None
 ) -> list[WorkerReport]:
     ctx = multiprocessing.get_context("spawn")
-    # Every worker builds its provider, then waits at the barrier with us: the clock starts
-    # when the whole fleet is ready, not while interpreters are still importing.
-    start = ctx.Barrier(args.processes * args.threads + 1)
+    # Every thread reports ready once its process has built the provider; the clock starts when
+    # the whole fleet is ready, not while interpreters are still importing.
+    ready, go = ctx.Semaphore(0), ctx.Event()
     progress, results = ctx.Value("q", 0), ctx.Queue()
     api_url = f"{fake.base_url}/api/v1/ping" if fake else None
-    job = WorkerJob(kwargs, api_url, args.threads, args.duration, start, progress, results)
+    job = WorkerJob(kwargs, api_url, args.threads, args.duration, ready, go, progress, results)
     procs = [ctx.Process(target=_worker, args=(job,), daemon=True) for _ in range(args.processes)]
     for p in procs:
         p.start()
-    start.wait(120)
+    for _ in range(args.processes * args.threads):
+        while not ready.acquire(timeout=1.0):
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:  # a worker died during set-up: stop rather than wait for it forever
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"{len(dead)} demo worker(s) died during set-up")
+    go.set()
     started = time.monotonic()
     reports: list[WorkerReport] = []
     with _live_display(args) as show:
