@@ -11,6 +11,7 @@ a 401 seen through :meth:`auth` or an :meth:`invalidate` drops it at once.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -52,10 +53,13 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def redis_client(url: str, timeout: float) -> Any:
-    """A redis-py client with short timeouts and one immediate retry.
+    """A redis-py client with short timeouts, one immediate retry and a one-trip handshake.
 
     The retry survives a connection Redis dropped (a restart, an idle timeout); more retries
     with backoff, redis-py's default, would turn a partition into seconds of stall per call.
+    RESP2 and no client-info commands: redis-py's default handshake (HELLO 3, a maintenance
+    notification probe, two CLIENT SETINFO) costs four round trips per new connection, which a
+    cold fleet opening hundreds of connections at once pays all together.
     """
     return redis_lib.Redis.from_url(
         url,
@@ -63,7 +67,18 @@ def redis_client(url: str, timeout: float) -> Any:
         socket_connect_timeout=timeout,
         health_check_interval=30,
         retry=Retry(NoBackoff(), 1),
+        protocol=2,
+        **_NO_CLIENT_INFO,
     )
+
+
+# redis-py 8 takes driver_info=None to skip CLIENT SETINFO; older versions take lib_name=None.
+_NO_CLIENT_INFO: dict[str, None] = (
+    {"driver_info": None}
+    if "driver_info"
+    in inspect.signature(redis_lib.connection.AbstractConnection.__init__).parameters
+    else {"lib_name": None, "lib_version": None}
+)
 
 
 class SharedTokenProvider:
@@ -210,24 +225,41 @@ class SharedTokenProvider:
     # -- the slow path -----------------------------------------------------------------------
 
     def _get_slow(self) -> AccessToken:
-        snap = self._store.read()
-        if snap is not None:
-            held = self._windows.hold(snap)
-            now = time.monotonic()
-            if held.is_usable(now):
-                self._metrics.record(metrics.SHARED_HIT)
-                self._adopt(held, self._generation)
-                if not held.is_fresh(now):
-                    self._background.kick()
-                return held.token
         s = self.settings
-        return self._flight.run(lambda: self._obtain(snap), s.wait_timeout + s.lock_lease).token
+        if s.local_cache:
+            # Nothing usable in this process: one thread asks Redis (its lock attempt reads the
+            # token too) and the others wait for it. In a cold fleet that is one connection and
+            # one round trip per process, not one per thread.
+            held = self._flight.run(lambda: self._obtain(None), s.wait_timeout + s.lock_lease)
+        else:
+            snap = self._store.read()
+            shared = self._windows.hold(snap) if snap is not None else None
+            if shared is not None and shared.is_usable(time.monotonic()):
+                self._metrics.record(metrics.SHARED_HIT)
+                held = shared
+            else:
+                held = self._flight.run(lambda: self._obtain(snap), s.wait_timeout + s.lock_lease)
+        if not held.is_fresh(time.monotonic()):
+            self._background.kick()
+        return held.token
 
     def _obtain(self, seen: Snapshot | None) -> Held:
-        self._metrics.record(metrics.MISS)
         generation = self._generation
         deadline = time.monotonic() + self.settings.wait_timeout
-        snap = flow.drive(flow.obtain(self._windows, seen, deadline, time.monotonic), self._do)
+        missed = False
+
+        def do(effect: flow.Effect[Any]) -> Any:
+            # The first wait or exchange makes this a miss; without one, the lock attempt found
+            # a usable token in Redis: a shared hit.
+            nonlocal missed
+            if not missed and isinstance(effect, (flow.Wait, flow.Exchange)):
+                missed = True
+                self._metrics.record(metrics.MISS)
+            return self._do(effect)
+
+        snap = flow.drive(flow.obtain(self._windows, seen, deadline, time.monotonic), do)
+        if not missed:
+            self._metrics.record(metrics.SHARED_HIT)
         held = self._windows.hold(snap)
         self._adopt(held, generation)
         return held
