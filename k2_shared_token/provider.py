@@ -239,6 +239,7 @@ class SharedTokenProvider:
                 held = shared
             else:
                 held = self._flight.run(lambda: self._obtain(snap), s.wait_timeout + s.lock_lease)
+        self._background.ensure_thread()
         if not held.is_fresh(time.monotonic()):
             self._background.kick()
         return held.token
@@ -378,6 +379,7 @@ class SharedTokenProvider:
     def close(self) -> None:
         """Wait briefly for a running background refresh, then close what we opened."""
         self._background.join(1.0)
+        self._background.close()
         self._exchange.close()
         if self._owns_redis:
             self._store.client.close()

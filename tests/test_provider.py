@@ -89,19 +89,39 @@ def test_warm_worker_answers_from_memory_without_redis(
     assert after == before
 
 
+class CountingConnection(redis.Connection):
+    """Counts writes to the socket: each is one round trip (a command or a pipeline)."""
+
+    sends = 0
+
+    def send_packed_command(self, command: object, check_health: bool = True) -> None:
+        CountingConnection.sends += 1
+        super().send_packed_command(command, check_health)
+
+
+@pytest.mark.parametrize("client_kind", ["plain pool (pipelined read)", "cluster-style (script)"])
 def test_without_local_cache_every_call_is_one_redis_round_trip(
-    make_provider: Make, redis_client: redis.Redis
+    make_provider: Make, redis_server, redis_client: redis.Redis, client_kind: str
 ) -> None:
-    provider = make_provider(local_cache=False)
+    client = redis.Redis(
+        connection_pool=redis.ConnectionPool.from_url(
+            redis_server.url, connection_class=CountingConnection
+        )
+    )
+    provider = make_provider(local_cache=False, redis=client)
+    if client_kind.startswith("cluster"):
+        provider._store._pipelined = None  # what a client without a plain pool gets
     provider.get_token()
-    scripts = command_calls(redis_client, "evalsha")
+    sends = CountingConnection.sends
     before = redis_client.info("stats")["total_commands_processed"]
     for _ in range(100):
         provider.get_token()
     after = redis_client.info("stats")["total_commands_processed"]
-    # One EVALSHA per call; Redis also counts the commands inside it (GET, 2 PTTL) and our INFO.
-    assert command_calls(redis_client, "evalsha") - scripts == 100
-    assert after - before == 100 * 4 + 1
+    assert CountingConnection.sends - sends == 100
+    # GET and two PTTL per call, run directly or inside the script (+1 EVALSHA), and our INFO.
+    per_call = 3 if client_kind.startswith("plain") else 4
+    assert after - before == 100 * per_call + 1
+    client.close()
 
 
 def test_invalidate_is_compare_and_delete(
@@ -265,20 +285,22 @@ def test_token_below_min_validity_is_never_handed_out(
     assert fake_k2.exchanges == 2
 
 
+@pytest.mark.parametrize("local_cache", [True, False])
 def test_corrupt_value_is_a_miss_and_is_overwritten(
-    make_provider: Make, redis_client: redis.Redis, all_logs
+    make_provider: Make, redis_client: redis.Redis, all_logs, local_cache: bool
 ) -> None:
-    provider = make_provider()
+    provider = make_provider(local_cache=local_cache)
     redis_client.set(provider.keys.token, b"not ours", px=600_000)
     token = provider.get_token()
     assert decode(redis_client.get(provider.keys.token)).value == token
     assert any("unreadable" in r.getMessage() for r in all_logs.records)
 
 
+@pytest.mark.parametrize("local_cache", [True, False])
 def test_value_of_another_redis_type_is_a_miss_and_is_overwritten(
-    make_provider: Make, redis_client: redis.Redis
+    make_provider: Make, redis_client: redis.Redis, local_cache: bool
 ) -> None:
-    provider = make_provider()
+    provider = make_provider(local_cache=local_cache)
     redis_client.hset(provider.keys.token, "field", "value")
     token = provider.get_token()
     assert decode(redis_client.get(provider.keys.token)).value == token
