@@ -8,6 +8,7 @@ once per distinct problem, and is overwritten by the next write.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -28,6 +29,32 @@ from .redis_layout import Keys
 log = logging.getLogger("k2_shared_token.store")
 
 T = TypeVar("T")
+
+
+class LuaScript:
+    """A script sent whole on first use, then by its SHA-1.
+
+    redis-py's ``register_script`` starts with EVALSHA and, on the NOSCRIPT error every fresh
+    process gets, loads the script and calls again: three round trips on the cold path, where a
+    stampeding fleet waits for them. EVAL caches the script as it runs it, so the first call
+    costs one round trip; after a Redis restart (empty script cache) one NOSCRIPT costs one more.
+    """
+
+    def __init__(self, client: Any, source: str) -> None:
+        self.client = client
+        self.source = source
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+        self._cached = False
+
+    def __call__(self, keys: list[str], args: list[Any] | tuple[Any, ...] = ()) -> Any:
+        if self._cached:
+            try:
+                return self.client.evalsha(self.sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                pass
+        result = self.client.eval(self.source, len(keys), *keys, *args)
+        self._cached = True
+        return result
 
 
 class PipelinedRead:
@@ -101,12 +128,12 @@ class RedisStore:
         self.keys = keys
         self.namespace = namespace
         self._lease_ms = int(lock_lease * 1000)
-        self._read = client.register_script(redis_layout.READ)
+        self._read = LuaScript(client, redis_layout.READ)
         self._pipelined = PipelinedRead.for_client(client, keys)
-        self._try_lock = client.register_script(redis_layout.TRY_LOCK)
-        self._publish = client.register_script(redis_layout.PUBLISH)
-        self._release = client.register_script(redis_layout.RELEASE)
-        self._invalidate = client.register_script(redis_layout.INVALIDATE)
+        self._try_lock = LuaScript(client, redis_layout.TRY_LOCK)
+        self._publish = LuaScript(client, redis_layout.PUBLISH)
+        self._release = LuaScript(client, redis_layout.RELEASE)
+        self._invalidate = LuaScript(client, redis_layout.INVALIDATE)
         self._last_decoded: tuple[bytes, codec.StoredToken] | None = None
 
     def snapshot(self, raw: bytes | str | None, ttl_ms: int) -> Snapshot | None:

@@ -491,3 +491,15 @@ def test_a_provider_built_before_fork_works_in_the_child(make_provider: Make) ->
     assert os.read(read, 1) == b"1"
     os.close(read)
     os.waitpid(pid, 0)
+
+
+def test_a_redis_restart_loses_the_token_and_the_scripts_and_the_next_call_recovers(
+    make_provider: Make, redis_server, fake_k2: FakeK2Server
+) -> None:
+    provider = make_provider(local_cache=False)
+    first = provider.get_token()
+    redis_server.restart()  # no persistence: token, fence and script cache are gone
+    second = provider.get_token()  # NOSCRIPT is answered by sending the script again
+    assert second != first
+    assert fake_k2.exchanges == 2
+    assert provider.get_token() == second
