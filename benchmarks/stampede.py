@@ -66,8 +66,8 @@ REPS_QUICK = 1
 ROUND_TIMEOUT = 45.0  # > BLOCKING_TIMEOUT of the lock contenders: a stuck round still ends
 IDLE_TIMEOUT = 900.0  # a worker waiting for its first round; the coordinator aborts it sooner
 READY_TIMEOUT = 60.0  # coordinator: workers build their clients in well under this
-WAKE_TARGET = 0.100  # s: one polling interval of the lock-based contenders
-TOLERANCE = 0.05  # "not slower than": differences below this share are rep-to-rep noise
+WAKE_TARGET = 0.015  # s: the target for the last thread after the exchange, at 32 x 4
+WAKE_TARGET_P = 32
 
 
 @dataclass(frozen=True)
@@ -343,25 +343,27 @@ def _verdicts(cells: dict[tuple[int, str], _Cell], processes: tuple[int, ...]) -
         worst_exchanges == 1 and errors == 0,
         f"worst {worst_exchanges} exchange(s), {errors} error(s)",
     )
-    worst_lag, worst_p = max((r.wake_lag, p) for p in processes for r in lib[p])
+    lags = {p: max(r.wake_lag for r in lib[p]) for p in processes}
+    target_p = WAKE_TARGET_P if WAKE_TARGET_P in lags else max(lags)
     lag = Verdict(
-        f"library: last caller holds the token < {WAKE_TARGET * 1000:.0f} ms after the exchange "
-        "completes, every P, every rep (woken by the announcement, not a poll interval)",
-        worst_lag < WAKE_TARGET,
-        f"worst {worst_lag * 1000:.1f} ms at P={worst_p}",
+        f"library: last thread holds its token within {WAKE_TARGET * 1000:.0f} ms of the exchange "
+        f"completing at P={target_p} x 4, every rep (the 0.1 s polling locks need up to ~100 ms)",
+        lags[target_p] <= WAKE_TARGET,
+        f"worst {lags[target_p] * 1000:.1f} ms; every P: "
+        + ", ".join(f"P={p} {lag_s * 1000:.1f} ms" for p, lag_s in lags.items()),
     )
     behind = []
     for p in processes:
         mine = _median(r.until_all for r in lib[p])
-        for name in ("redis-py Lock", "python-redis-lock", "dogpile.cache"):
+        for name in ("naive", "redis-py Lock", "python-redis-lock", "dogpile.cache"):
             theirs = _median(r.until_all for r in cells[(p, name)].rounds)
-            if mine > theirs * (1 + TOLERANCE):
-                behind.append(f"P={p}: {mine * 1e3:.0f} ms vs {name} {theirs * 1e3:.0f} ms")
+            if mine >= theirs:
+                behind.append(f"P={p}: {mine * 1e3:.1f} ms vs {name} {theirs * 1e3:.1f} ms")
     fastest = Verdict(
-        "library: all hold a token no later than the fastest other Redis-shared contender "
-        f"(within {TOLERANCE:.0%}, medians) at every P",
+        "library: ahead of every alternative (naive included) on time until all hold a token, "
+        "at every P (medians)",
         not behind,
-        "; ".join(behind) or "faster than redis-py Lock, python-redis-lock and dogpile everywhere",
+        "; ".join(behind) or "ahead of all four alternatives at every P",
     )
     return [one, lag, fastest]
 

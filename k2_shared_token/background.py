@@ -1,9 +1,9 @@
 """Early refresh off the callers' path: one long-lived daemon thread per provider.
 
 The caller that notices a stale token sets an Event and returns the current token at once. A
-thread started per refresh would cost that caller the thread start (``Thread.start`` waits until
-the new thread runs: milliseconds on a busy 2-core machine, measured in the rollover
-benchmark), so the thread is started once, on the slow path that fetched the first token.
+thread started per refresh would cost that caller the thread start (milliseconds on a busy
+2-core machine, measured in the rollover benchmark), so the thread is started once, on the slow
+path that fetched the first token, without waiting for it to run.
 
 Fork safety: a child inherits no thread. :meth:`reset_after_fork` forgets the parent's, and the
 child's first kick starts its own.
@@ -11,6 +11,7 @@ child's first kick starts its own.
 
 from __future__ import annotations
 
+import _thread
 import threading
 import time
 from collections.abc import Callable
@@ -30,18 +31,22 @@ class BackgroundRefresh:
         self._idle.set()
         self._pending = False  # a job is queued or running
         self._not_before = 0.0
-        self._thread: threading.Thread | None = None
+        self._started = False
         self._closed = False
 
     def ensure_thread(self) -> None:
-        """Start the worker thread if this process has none (off the hot path)."""
-        if self._thread is not None or self._closed:
+        """Start the worker thread if this process has none.
+
+        ``_thread.start_new_thread`` rather than ``threading.Thread.start``: the latter blocks
+        until the new thread runs, milliseconds for a caller on a busy machine, and this is
+        called on the path that hands a cold fleet its first token.
+        """
+        if self._started or self._closed:
             return
         with self._lock:
-            if self._thread is None:
-                thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-                thread.start()
-                self._thread = thread
+            if not self._started:
+                _thread.start_new_thread(self._loop, ())
+                self._started = True
 
     def kick(self) -> None:
         """Queue a job unless one is pending or the last one asked for a pause. No blocking."""
@@ -56,6 +61,7 @@ class BackgroundRefresh:
         self._wake.set()
 
     def _loop(self) -> None:
+        threading.current_thread().name = self._name
         while True:
             self._wake.wait()
             self._wake.clear()
