@@ -7,6 +7,7 @@ and one subscription instead of 32. Followers get the leader's result or its exc
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -42,6 +43,10 @@ class SingleFlight(Generic[T]):
             raise
         else:
             future.set_result(result)
+            # Hand the GIL over now: otherwise the waiting threads sit out up to a switch
+            # interval (5 ms) each while this one keeps running, which a cold fleet of many
+            # multi-threaded processes on few cores pays many times over.
+            time.sleep(0)
             return result
         finally:
             with self._lock:
