@@ -93,9 +93,9 @@ def _instrument(events: list[tuple[str, int, float, float]]) -> None:
             events.append(("redis connect + handshake", who, start, time.monotonic()))
 
     rc.AbstractConnection.connect = real_connect  # type: ignore[method-assign]
-    timed(RedisStore, "read", "store.read (EVALSHA)")
-    timed(RedisStore, "try_lock", "store.try_lock (EVALSHA)")
-    timed(RedisStore, "publish", "store.publish (EVALSHA)")
+    timed(RedisStore, "read", "store.read (GET + 2 PTTL, pipelined)")
+    timed(RedisStore, "try_lock", "store.try_lock (script)")
+    timed(RedisStore, "publish", "store.publish (script)")
     timed(RedisStore, "wait", "store.wait (subscribe + re-read + wait)")
     timed(ExchangeClient, "fetch", "exchange (HTTP POST to K2)")
 

@@ -13,9 +13,9 @@ library has to be trusted to count itself:
   takes its middle INFO snapshot and publishes the instant; workers count the calls they
   started after it.
 
-Commands run inside a Lua script are counted under their own names as well as the EVALSHA
-that ran them, so EVALSHA (one per script call, one round trip) is also reported alone. The
-benchmark's own INFO calls are subtracted.
+Every read of the token runs one GET (pipelined with two PTTL, or inside a script, whose
+commands Redis counts under their own names), so GET per call is also reported alone: reads
+of Redis per get_token(). The benchmark's own INFO calls are subtracted.
 """
 
 from __future__ import annotations
@@ -288,10 +288,10 @@ def _report(
                 s.exchanges,
                 whole_total,
                 f"{_per_call(whole_total, s.calls):.5f}",
-                f"{_per_call(s.whole.get('evalsha', 0), s.calls):.5f}",
+                f"{_per_call(s.whole.get('get', 0), s.calls):.5f}",
                 f"{s.steady_after * 1e3:.0f}",
                 f"{_per_call(steady_total, s.steady_calls):.5f}",
-                f"{_per_call(s.steady.get('evalsha', 0), s.steady_calls):.5f}",
+                f"{_per_call(s.steady.get('get', 0), s.steady_calls):.5f}",
                 fmt_ms(s.latency.percentile(0.99), 3),
                 fmt_ms(s.latency.max, 2),
                 len(s.errors),
@@ -307,10 +307,10 @@ def _report(
             "exchanges",
             "commands",
             "commands/call",
-            "EVALSHA/call",
+            "GET/call",
             "steady from (ms)",
             "steady commands/call",
-            "steady EVALSHA/call",
+            "steady GET/call",
             "p99 (ms)",
             "max (ms)",
             "errors",
@@ -327,14 +327,14 @@ def _report(
         f"{PACE * 1e3:g} ms for {duration:g} s per step; fake K2 latency {LATENCY * 1e3:.0f} ms, "
         "tokens of 3600 s. Counted by Redis (`INFO commandstats`, the benchmark's own INFO "
         "calls subtracted).\n\n"
-        "- *commands/call*, *EVALSHA/call*: the whole step, **cold start included** (each step "
+        "- *commands/call*, *GET/call*: the whole step, **cold start included** (each step "
         "starts on an empty key namespace: the fleet's stampede, every process's first read and "
         "its connection handshakes);\n"
         "- *steady*: from the moment every caller has had its first token (*steady from*, "
         "after the start) to the end, **cold start excluded**;\n"
-        "- *commands* counts the commands run inside Lua scripts under their own names too "
-        "(the read script is EVALSHA + GET + 2 PTTL), which is why EVALSHA (= round trips for "
-        "script calls) is also shown alone.\n\n"
+        "- *commands* counts every command, those run inside Lua scripts included; a read of "
+        "the token is one round trip of GET + 2 PTTL, so *GET/call* is reads of Redis per "
+        "call.\n\n"
         f"{table}\n\nWhat the fleet sent, whole step (HELLO, CLIENT and PING are redis-py's "
         "handshake on every new connection):\n\n"
         + md_table(("step", "commands (calls)"), breakdown_rows)
@@ -378,41 +378,32 @@ def _breakdown(delta: dict[str, int]) -> str:
 def _plot(config: RunConfig, steps: list[StepResult], processes: tuple[int, ...]) -> list[str]:
     from .plots import plt  # noqa: PLC0415 - matplotlib only in the coordinator
 
-    def series(local_cache: bool, steady: bool, evalsha_only: bool) -> list[float]:
+    def series(local_cache: bool, steady: bool, gets_only: bool) -> list[float]:
         out = []
         for p in processes:
             s = next(
                 x for x in steps if x.step.processes == p and x.step.local_cache == local_cache
             )
             delta, calls = (s.steady, s.steady_calls) if steady else (s.whole, s.calls)
-            count = delta.get("evalsha", 0) if evalsha_only else sum(delta.values())
+            count = delta.get("get", 0) if gets_only else sum(delta.values())
             out.append(_per_call(count, calls))
         return out
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for local_cache, colour in ((True, "tab:blue"), (False, "tab:red")):
         label = "L1 on" if local_cache else "L1 off"
-        ax.plot(
-            processes,
-            series(local_cache, False, False),
-            "o-",
-            color=colour,
-            label=f"{label}: all commands, cold start included",
-        )
-        ax.plot(
-            processes,
-            series(local_cache, False, True),
-            "s--",
-            color=colour,
-            label=f"{label}: EVALSHA only, cold start included",
-        )
-        ax.plot(
-            processes,
-            series(local_cache, True, False),
-            "^:",
-            color=colour,
-            label=f"{label}: all commands, steady state",
-        )
+        for steady, gets_only, style, what in (
+            (False, False, "o-", "all commands, cold start included"),
+            (False, True, "s--", "GET (reads) only, cold start included"),
+            (True, False, "^:", "all commands, steady state"),
+        ):
+            ax.plot(
+                processes,
+                series(local_cache, steady, gets_only),
+                style,
+                color=colour,
+                label=f"{label}: {what}",
+            )
     ax.axhline(TARGET, color="black", lw=0.8, ls="--", label=f"target {TARGET:g} (L1 on)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("symlog", linthresh=1e-4)

@@ -12,7 +12,7 @@ import os
 import time
 
 from k2_shared_token import K2TokenError, SharedTokenProvider
-from k2_shared_token.access_token import fingerprint
+from k2_shared_token.access_token import fingerprint_of
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 log = logging.getLogger("example.worker")
@@ -28,7 +28,7 @@ def main() -> None:
     while rounds == 0 or done < rounds:
         try:
             token = provider.get()
-            log.info("token %s, %.0f s left", fingerprint(token.value), token.seconds_left())
+            log.info("token %s, %.0f s left", fingerprint_of(token.value), token.seconds_left())
         except K2TokenError as exc:
             log.warning("no token: %s", exc)
         done += 1

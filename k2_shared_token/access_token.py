@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 
-def fingerprint(token: str) -> str:
+def fingerprint_of(token: str) -> str:
     """A non-reversible handle for a token, safe to log."""
     return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()[:12]
 
@@ -31,7 +31,7 @@ class AccessToken:
 
     def __repr__(self) -> str:
         return (
-            f"AccessToken(value=<{fingerprint(self.value)}>, token_type={self.token_type!r}, "
+            f"AccessToken(value=<{fingerprint_of(self.value)}>, token_type={self.token_type!r}, "
             f"expires_at={self.expires_at:.3f})"
         )
 

@@ -25,7 +25,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import flow, metrics
-from .access_token import AccessToken, fingerprint
+from .access_token import AccessToken, fingerprint_of
 from .auth import K2BearerAuth
 from .background import BackgroundRefresh
 from .errors import ConfigurationError, K2TokenError
@@ -316,7 +316,7 @@ class SharedTokenProvider:
                 log.info(
                     "namespace %s: exchanged a new token %s, valid %d s",
                     self.namespace,
-                    fingerprint(issued.value),
+                    fingerprint_of(issued.value),
                     issued.expires_in,
                 )
                 return issued
@@ -349,7 +349,7 @@ class SharedTokenProvider:
         log.info(
             "namespace %s: token %s invalidated (%s)",
             self.namespace,
-            fingerprint(value),
+            fingerprint_of(value),
             "was shared" if deleted else "no longer shared",
         )
         return deleted

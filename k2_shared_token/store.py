@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import redis
 
 from . import codec, redis_layout
-from .access_token import fingerprint
+from .access_token import fingerprint_of
 from .errors import SharedCacheError
 from .flow import IssuedToken, LockAttempt, WaitOutcome
 from .freshness import Snapshot
@@ -258,7 +258,7 @@ class RedisStore:
         if snap is not None:
             stored = snap.stored
             out["token"] = {
-                "fingerprint": fingerprint(stored.value),
+                "fingerprint": fingerprint_of(stored.value),
                 "seconds_left": round(snap.ttl_ms / 1000, 3),
                 "lifetime": stored.lifetime,
                 "issued_at": stored.issued_at or None,

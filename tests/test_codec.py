@@ -22,6 +22,8 @@ from k2_shared_token.codec import (
     encode,
 )
 
+from .strategies import json_values
+
 TOKEN = "AbC.dEf-123_xyz~+/="
 
 
@@ -265,19 +267,6 @@ def test_announcement_with_absurd_ttl_is_corrupt() -> None:
 # -- properties ------------------------------------------------------------------------------
 
 # JSON payloads without the pinned bugs above (deep nesting, integers beyond float range).
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**63)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20)
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-    max_leaves=8,
-)
 payload_objects = st.fixed_dictionaries(
     {},
     optional={
@@ -331,7 +320,6 @@ def test_round_trip_of_maximum_length_token() -> None:
     # The wire accepts only RFC 6750 (ASCII) bearer tokens, so this is the largest value stored.
     token = "A" * MAX_TOKEN_CHARS
     assert decode(encode(token, "Bearer", 3600, 1)).value == token
-
 
 
 @settings(max_examples=100, deadline=None, database=None)

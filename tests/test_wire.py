@@ -24,6 +24,8 @@ from k2_shared_token.errors import (
 )
 from k2_shared_token.retry import policy
 
+from .strategies import json_values
+
 MARKER = "ZQ7SECRETMARKER9XK"
 
 
@@ -307,20 +309,6 @@ def test_request_form_and_headers() -> None:
 
 # -- property: nothing but a plausible token or a TokenEndpointError comes out ----------------
 
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.integers(min_value=10**300, max_value=10**400)
-    | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=30)
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=12,
-)
 token_like = st.text(
     alphabet=string.ascii_letters + string.digits + "-._~+/= \t", min_size=0, max_size=40
 ) | st.text(max_size=20)
@@ -367,9 +355,7 @@ def bodies_with_marker(draw: st.DrawFn) -> tuple[bytes, str]:
         at = draw(st.integers(0, len(raw)))
         return raw[:at] + marker.encode() + raw[at:], marker
     obj = draw(reply_objects)
-    where = draw(
-        st.sampled_from(["note", "error_description", "access_token", "message", "error"])
-    )
+    where = draw(st.sampled_from(["note", "error_description", "access_token", "message", "error"]))
     if where == "access_token" and draw(st.booleans()):
         obj["access_token"] = f"{marker} {draw(st.text(max_size=5))}"  # never a valid token
     else:
