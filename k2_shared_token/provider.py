@@ -1,12 +1,15 @@
 """The provider a worker builds once and asks before every K2 call.
 
 Data flows one way: the caller asks :meth:`SharedTokenProvider.get`; the per-process copy (L1)
-answers while it is fresh; otherwise Redis is read; on a miss the in-process single flight lets
-one thread run the :func:`flow.obtain` core against the Redis lock and the exchange client.
+answers while it is usable; when it is stale (refresh window, or older than ``local_max_age``)
+a background thread refreshes or re-reads it while callers keep the current token; when this
+process has nothing usable, the in-process single flight lets one thread run the
+:func:`flow.obtain` core against Redis (the lock attempt reads the token too) and, on a miss,
+the exchange client.
 
-Hot path: one attribute read and one ``time.monotonic()`` comparison, no lock, no Redis. How
-stale that copy may be is bounded by ``local_max_age`` (default 60 s) and by the refresh window;
-a 401 seen through :meth:`auth` or an :meth:`invalidate` drops it at once.
+Hot path: one attribute read, one ``time.monotonic()`` comparison and a counter, no lock, no
+Redis. How stale that copy may be is bounded by ``local_max_age`` (default 60 s) and by the
+refresh window; a 401 seen through :meth:`auth` or an :meth:`invalidate` drops it at once.
 """
 
 from __future__ import annotations
