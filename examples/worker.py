@@ -19,9 +19,7 @@ log = logging.getLogger("example.worker")
 
 
 def main() -> None:
-    provider = SharedTokenProvider.from_env(
-        allow_insecure_http=os.environ.get("K2_ALLOW_INSECURE_HTTP") == "1"
-    )
+    provider = SharedTokenProvider.from_env()
     interval = float(os.environ.get("WORKER_INTERVAL", "5"))
     rounds = int(os.environ.get("WORKER_ROUNDS", "0"))  # 0: run until stopped
     done = 0
