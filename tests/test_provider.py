@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -503,3 +504,35 @@ def test_a_redis_restart_loses_the_token_and_the_scripts_and_the_next_call_recov
     assert second != first
     assert fake_k2.exchanges == 2
     assert provider.get_token() == second
+
+
+def test_a_child_forked_mid_refresh_inherits_no_lock_and_no_pending_refresh(
+    make_provider: Make, fake_k2: FakeK2Server, redis_client: redis.Redis
+) -> None:
+    provider = make_provider(refresh_ahead=120, min_validity=10)
+    old = provider.get_token()
+    redis_client.pexpire(provider.keys.token, 100_000)  # into the refresh window
+    provider._held = None  # as if the local copy had reached local_max_age
+    fake_k2.pause_tokens()
+    try:
+        assert provider.get_token() == old  # stale but usable: served, refresh in background
+        assert fake_k2.wait_for_token_requests(2, timeout=5)  # the refresh is inside K2 now
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: no refresh pending, no flight in progress, nothing blocks
+            try:
+                fresh_state = not provider._background._pending
+                served = provider.get_token() == old
+                os.write(write, b"1" if fresh_state and served else b"0")
+            finally:
+                os._exit(0)
+        os.close(write)
+        ready, _, _ = select.select([read], [], [], 10)
+        assert ready, "the child blocked on state inherited from the parent"
+        assert os.read(read, 1) == b"1"
+        os.close(read)
+        os.waitpid(pid, 0)
+    finally:
+        fake_k2.resume_tokens()
+    assert provider._background.join(5)
+    assert provider.get_token() != old
