@@ -2,8 +2,8 @@
 
 The caller that notices a stale token sets an Event and returns the current token at once. A
 thread started per refresh would cost that caller the thread start (milliseconds on a busy
-2-core machine, measured in the rollover benchmark), so the thread is started once, on the slow
-path that fetched the first token, without waiting for it to run.
+2-core machine, measured in the rollover benchmark), so the thread is started once, by the
+first kick, without waiting for it to run, and then only woken.
 
 Fork safety: a child inherits no thread. :meth:`reset_after_fork` forgets the parent's, and the
 child's first kick starts its own.
@@ -38,8 +38,7 @@ class BackgroundRefresh:
         """Start the worker thread if this process has none.
 
         ``_thread.start_new_thread`` rather than ``threading.Thread.start``: the latter blocks
-        until the new thread runs, milliseconds for a caller on a busy machine, and this is
-        called on the path that hands a cold fleet its first token.
+        until the new thread runs, milliseconds for the caller that kicks on a busy machine.
         """
         if self._started or self._closed:
             return

@@ -242,7 +242,6 @@ class SharedTokenProvider:
                 held = shared
             else:
                 held = self._flight.run(lambda: self._obtain(snap), s.wait_timeout + s.lock_lease)
-        self._background.ensure_thread()
         if not held.is_fresh(time.monotonic()):
             self._background.kick()
         return held.token
