@@ -58,8 +58,11 @@ class Windows:
     min_validity: float
     local_max_age: float
 
-    def for_lifetime(self, lifetime: float) -> tuple[float, float]:
-        """Effective (refresh_ahead, min_validity) for a token granted ``lifetime`` seconds."""
+    def for_lifetime(self, lifetime: float | None) -> tuple[float, float]:
+        """Effective (refresh_ahead, min_validity) for a token granted ``lifetime`` seconds;
+        the configured windows when no token (so no lifetime) is known."""
+        if lifetime is None:
+            return self.refresh_ahead, self.min_validity
         return min(self.refresh_ahead, lifetime / 2), min(self.min_validity, lifetime / 4)
 
     def hold(self, snap: Snapshot) -> Held:
@@ -75,7 +78,7 @@ class Windows:
             usable_until=expires - min_validity,
         )
 
-    def retry_interval(self, lifetime: float) -> float:
+    def retry_interval(self, lifetime: float | None) -> float:
         """How long a worker waits before retrying a failed early refresh: a few tries fit in
         the stale window, and never more often than every 50 ms nor less often than every 5 s."""
         refresh_ahead, min_validity = self.for_lifetime(lifetime)
@@ -85,10 +88,7 @@ class Windows:
         """The TTL above which the lock script leaves the lock alone: the token is good enough.
 
         ``fresh`` asks for the refresh window (background refresh), otherwise the validity floor
-        (a caller that needs a token now). Without a token we judge by the configured windows.
+        (a caller that needs a token now).
         """
-        if lifetime is None:
-            refresh_ahead, min_validity = self.refresh_ahead, self.min_validity
-        else:
-            refresh_ahead, min_validity = self.for_lifetime(lifetime)
+        refresh_ahead, min_validity = self.for_lifetime(lifetime)
         return int((refresh_ahead if fresh else min_validity) * 1000)

@@ -27,6 +27,7 @@ LOCK_TAKEOVER = "lock_takeover"  # took the lock after its holder's lease ran ou
 REFRESH_FAILED = "refresh_failed"  # an early (background) refresh failed; callers kept the token
 EVENTS = (LOCAL_HIT, SHARED_HIT, MISS, EXCHANGE_OK, EXCHANGE_FAILED, WAIT, LOCK_TAKEOVER,
           REFRESH_FAILED)  # fmt: skip
+RECORDED = EVENTS[1:]  # local hits are counted by the provider itself, on its hot path
 TIMED = (EXCHANGE_OK, EXCHANGE_FAILED, WAIT)
 
 
@@ -47,7 +48,7 @@ class Metrics:
         self.namespace = namespace
         self._hooks = tuple(hooks)
         self._lock = threading.Lock()
-        self._counts = dict.fromkeys(EVENTS, 0)
+        self._counts = dict.fromkeys(RECORDED, 0)
         self._seconds = dict.fromkeys(TIMED, 0.0)
 
     def record(self, name: str, seconds: float | None = None) -> None:
@@ -65,7 +66,7 @@ class Metrics:
     def counts(self) -> dict[str, int]:
         """Every counter but local hits, which the provider keeps on its hot path itself."""
         with self._lock:
-            return {name: n for name, n in self._counts.items() if name != LOCAL_HIT}
+            return dict(self._counts)
 
     def seconds(self) -> dict[str, float]:
         with self._lock:
@@ -74,5 +75,5 @@ class Metrics:
     def reset_after_fork(self) -> None:
         """A child starts counting from zero: its parent's counts are the parent's to report."""
         self._lock = threading.Lock()
-        self._counts = dict.fromkeys(EVENTS, 0)
+        self._counts = dict.fromkeys(RECORDED, 0)
         self._seconds = dict.fromkeys(TIMED, 0.0)

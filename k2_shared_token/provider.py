@@ -275,7 +275,7 @@ class SharedTokenProvider:
             snap = flow.drive(flow.refresh(self._windows, lifetime, time.monotonic), self._do)
         except K2TokenError as exc:
             self._metrics.record(metrics.REFRESH_FAILED)
-            pause = self._windows.retry_interval(lifetime or self.settings.refresh_ahead * 2)
+            pause = self._windows.retry_interval(lifetime)
             log.warning(
                 "namespace %s: early refresh failed (%s: %s); serving the current token, "
                 "next try in %.1f s",
