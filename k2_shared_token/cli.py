@@ -1,8 +1,9 @@
 """``k2-token``: the command line (also ``python -m k2_shared_token``).
 
 Configuration comes from flags or the variables ``SharedTokenProvider.from_env`` reads:
-K2_CLIENT_ID, K2_CLIENT_SECRET, K2_BASE_URL, K2_REDIS_URL (else REDIS_URL). Only ``get`` needs
-the secret; ``status`` and ``invalidate`` work from the namespace (base URL and client id).
+K2_CLIENT_ID, K2_CLIENT_SECRET, K2_BASE_URL, K2_REDIS_URL (else REDIS_URL) and
+K2_TOKEN_ENCRYPTION_KEYS. Only ``get`` needs the secret; ``status`` and ``invalidate`` work from
+the namespace (base URL and client id).
 
 Exit codes: 0 ok, 1 an invariant or a K2 error, 2 missing or bad configuration, 3 Redis
 unreachable, 4 K2 rejected the credentials.
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import demo, fake_server
+from . import crypto, demo, fake_server
 from ._version import __version__
 from .errors import (
     ConfigurationError,
@@ -63,7 +64,9 @@ def _store(args: argparse.Namespace) -> RedisStore:
     base_url = normalise_base_url(args.base_url, allow_insecure_http=True)
     namespace = namespace_for(base_url, args.client_id)
     keys = Keys.for_namespace(args.key_prefix, namespace)
-    return RedisStore(redis_client(args.redis_url, 2.0), keys, 15, namespace)
+    keys_env = crypto.keys_from_env(os.environ.get(crypto.ENV_KEYS, ""))
+    cipher = crypto.TokenCipher(keys_env, keys.token) if keys_env else None
+    return RedisStore(redis_client(args.redis_url, 2.0), keys, 15, namespace, cipher=cipher)
 
 
 def _get(args: argparse.Namespace) -> int:
@@ -75,6 +78,8 @@ def _get(args: argparse.Namespace) -> int:
         base_url=args.base_url,
         redis=args.redis_url,
         key_prefix=args.key_prefix,
+        on_redis_error="raise",  # a command reports an unreachable Redis rather than hide it
+        encryption_keys=crypto.keys_from_env(os.environ.get(crypto.ENV_KEYS, "")),
     ) as provider:
         print(provider.get_token())
     return 0
@@ -108,6 +113,13 @@ def _status(args: argparse.Namespace) -> int:
             + (f" for {held:.1f} s" if held is not None else "")
             + f", lease ends in {lock['lease_left_seconds']:.1f} s",
         ))  # fmt: skip
+    holdoff = status["holdoff"]
+    if holdoff is not None:
+        rows.append((
+            "fleet hold-off",
+            f"{holdoff['error']}, {holdoff['seconds_left']:.1f} s left, "
+            f"{holdoff['failed_exchanges']} failed exchanges in a row",
+        ))  # fmt: skip
     rows.append(("lock acquisitions", str(status["lock_acquisitions"])))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
@@ -123,6 +135,11 @@ def _invalidate(args: argparse.Namespace) -> int:
     else:
         raise ConfigurationError("invalidate needs --token TOKEN (compare-and-delete) or --force")
     print("deleted" if deleted else "not deleted (no such shared token)")
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    print(crypto.new_key())
     return 0
 
 
@@ -151,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--token", help="delete only if this is still the shared token")
     group.add_argument("--force", action="store_true", help="delete whatever is shared")
+    command("keygen", _keygen, f"print a new key for {crypto.ENV_KEYS} (token encryption)")
     p = command("fake-server", fake_server.run_from_args, "run the fake K2 auth server")
     fake_server.add_arguments(p)
     p = command("demo", demo.run_from_args, "run a worker fleet on embedded Redis and a fake K2")

@@ -8,10 +8,12 @@ A stored value is ``<fence>:<digest>:<payload>``:
 - ``digest`` is SHA-256 of the access token (hex, 128 bits), which lets ``invalidate`` compare and
   delete in Lua without the token itself crossing the wire again;
 - ``payload`` is compact JSON: the token, its type, and the lifetime K2 granted (the refresh
-  windows scale down for short-lived tokens, and every reader must compute the same windows).
+  windows scale down for short-lived tokens, and every reader must compute the same windows);
+  sealed with AES-GCM when encryption is on (:mod:`.crypto`), the prefix staying in clear for Lua.
 
 The announcement published on the namespace channel is ``T<ttl_ms>:<stored value>`` when a token
-was written (waiters need no extra read) or ``E<error code>`` when the lock holder gave up.
+was written (waiters need no extra read) or ``E<error code>[:<hold-off ms>]`` when the lock holder
+gave up (and the fleet will not ask K2 again for that long).
 
 Decoding is strict: anything else under our key (another program's data, a truncated write, a
 different Redis type) is rejected with :class:`CorruptValueError` and read as a miss.
@@ -23,6 +25,10 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .crypto import TokenCipher
 
 _VALUE_RE = re.compile(rb"^(\d{1,19}):([0-9a-f]{32}):(.{1,16384})$", re.DOTALL)
 MAX_TOKEN_CHARS = 4096
@@ -58,6 +64,7 @@ def encode(
     *,
     issued_at: float = 0.0,
     took_ms: int = 0,
+    cipher: TokenCipher | None = None,
 ) -> bytes:
     payload = json.dumps(
         {
@@ -68,8 +75,11 @@ def encode(
             "took_ms": took_ms,
         },
         separators=(",", ":"),
-    )
-    return f"{fence}:{digest(value)}:{payload}".encode()
+    ).encode()
+    header = f"{fence}:{digest(value)}".encode()
+    if cipher is not None:
+        payload = cipher.seal(payload, header)
+    return header + b":" + payload
 
 
 def _optional_number(data: dict[str, object], key: str) -> float:
@@ -80,11 +90,20 @@ def _optional_number(data: dict[str, object], key: str) -> float:
     return float(value) if 0 <= value <= 10**11 else 0.0
 
 
-def decode(raw: bytes) -> StoredToken:
+def decode(raw: bytes, cipher: TokenCipher | None = None) -> StoredToken:
     match = _VALUE_RE.match(raw)
     if match is None:
         raise CorruptValueError("not a k2_shared_token value")
     fence, expected_digest, payload = match.groups()
+    if cipher is not None:
+        from .crypto import SealError  # noqa: PLC0415 - only with encryption on
+
+        try:
+            payload = cipher.open(payload, fence + b":" + expected_digest)
+        except SealError as exc:
+            raise CorruptValueError(str(exc)) from None
+    elif payload.startswith(b"~"):
+        raise CorruptValueError("encrypted, and this worker has no encryption key")
     try:
         data = json.loads(payload)
     except (ValueError, RecursionError):
@@ -125,17 +144,20 @@ class Announcement:
     stored: StoredToken | None
     ttl_ms: int
     error_code: str | None
+    holdoff_ms: int = 0  # with a failure: how long the fleet will not ask K2 again
 
 
-def announce_failure(code: str) -> str:
-    return "E" + code
+def announce_failure(code: str, holdoff_ms: int = 0) -> str:
+    return f"E{code}:{holdoff_ms}" if holdoff_ms > 0 else "E" + code
 
 
-def decode_announcement(raw: bytes) -> Announcement:
+def decode_announcement(raw: bytes, cipher: TokenCipher | None = None) -> Announcement:
     if raw.startswith(b"E"):
-        return Announcement(None, 0, raw[1:65].decode("ascii", "replace"))
+        code, _, holdoff = raw[1:].partition(b":")
+        ms = int(holdoff) if _ANNOUNCED_TTL.fullmatch(holdoff) else 0
+        return Announcement(None, 0, code[:64].decode("ascii", "replace"), ms)
     if raw.startswith(b"T"):
         ttl, sep, value = raw[1:].partition(b":")
         if sep and _ANNOUNCED_TTL.fullmatch(ttl):
-            return Announcement(decode(value), int(ttl), None)
+            return Announcement(decode(value, cipher), int(ttl), None)
     raise CorruptValueError("not a k2_shared_token announcement")

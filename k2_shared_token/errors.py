@@ -96,7 +96,12 @@ _REPORTABLE: dict[str, type[TokenEndpointError]] = {
 }
 
 
-def error_from_report(code: str) -> K2TokenError:
-    """Rebuild the error a lock holder reported to its waiters through Redis."""
+def error_from_report(code: str, retry_after: float | None = None) -> TokenEndpointError:
+    """Rebuild the error another worker reported through Redis: a lock holder telling its
+    waiters why it gave up, or the fleet's hold-off after a failed exchange. ``retry_after`` is
+    how long the fleet will not ask K2 again (seconds), when known."""
     cls = _REPORTABLE.get(code, TokenEndpointError)
-    return cls(f"the worker holding the refresh lock failed: {cls.__name__} ({code})")
+    message = f"a recent token exchange failed: {cls.__name__} ({code})"
+    if retry_after is not None:
+        message += f"; the fleet asks K2 again in {retry_after:.1f} s"
+    return cls(message, retry_after=retry_after)

@@ -6,7 +6,11 @@ requests calls, an asyncio driver with awaited ones. So the sync and asyncio pro
 decisions instead of copying them, and the tests can step through a flow by hand.
 
 Errors travel the same way: a driver throws the effect's :class:`K2TokenError` into the
-generator, which decides (give the lock back and tell the waiters, or let it propagate).
+generator, which decides: give the lock back and tell the waiters (and the fleet, through a
+hold-off in Redis, see :mod:`.backoff`); hand out the last token while it is still alive rather
+than fail a caller; or, when Redis itself fails (:class:`SharedCacheError`) and the provider
+allows it, carry on without Redis: exchange in this process, under its own single flight and
+hold-off (the *local fallback*).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .errors import K2TokenError, TokenUnavailableError, error_from_report
+from .backoff import BackoffPolicy, LocalFailures, is_credentials_error
+from .codec import StoredToken
+from .errors import K2TokenError, SharedCacheError, TokenUnavailableError, error_from_report
 from .freshness import Snapshot, Windows
 
 R = TypeVar("R")
@@ -51,6 +57,9 @@ class LockAttempt:
     lock_ttl_ms: int  # meaningful only when not acquired
     snapshot: Snapshot | None
     owner: str
+    streak: int = 0  # acquired: how many exchanges in a row failed before this one
+    holdoff_code: str | None = None  # the fleet is holding off K2 after this error...
+    holdoff_ms: int = 0  # ... for this much longer
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class WaitOutcome:
     snapshot: Snapshot | None
     error_code: str | None = None
     timed_out: bool = False  # nothing was announced before the timeout (the lease, usually)
+    holdoff_ms: int = 0  # with error_code: the hold-off the holder set for the fleet
 
 
 @dataclass(frozen=True)
@@ -81,8 +91,12 @@ class Publish(Effect[Snapshot]):
 
 @dataclass(frozen=True)
 class Release(Effect[None]):
+    """Give the lock back; after a failed exchange, report it and set the fleet's hold-off."""
+
     lock: LockAttempt
     error_code: str = ""
+    holdoff_ms: int = 0
+    credentials: bool = False  # the hold-off binds only workers with the same secret
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,24 @@ def perform(effect: Effect[R]) -> Generator[Effect[Any], Any, R]:
     return result
 
 
+DEFAULT_BACKOFF = BackoffPolicy()
+
+
+def own_snapshot(issued: IssuedToken, fence: int, now: float) -> Snapshot:
+    """A token this process exchanged, as if read back from Redis at ``now``."""
+    age = now - issued.requested_at
+    stored = StoredToken(
+        issued.value,
+        issued.token_type,
+        issued.expires_in,
+        fence,
+        issued.requested_at_wall,
+        int(issued.took * 1000),
+    )
+    ttl_ms = int((issued.expires_in - age) * 1000)
+    return Snapshot(stored, max(ttl_ms, 0), now, issued.requested_at_wall + age)
+
+
 def _usable(windows: Windows, snap: Snapshot | None, now: float, *, fresh: bool) -> bool:
     if snap is None:
         return False
@@ -110,75 +142,196 @@ def _usable(windows: Windows, snap: Snapshot | None, now: float, *, fresh: bool)
     return held.is_fresh(now) if fresh else held.is_usable(now)
 
 
+def _alive(snap: Snapshot | None, now: float) -> bool:
+    """Not yet expired at all: below ``min_validity``, but better than an error."""
+    return snap is not None and now < snap.seen_at + snap.ttl_ms / 1000
+
+
 def _lifetime(snap: Snapshot | None) -> float | None:
     return None if snap is None else snap.stored.lifetime
 
 
-def _exchange_and_publish(lock: LockAttempt) -> Flow[Snapshot]:
+def _holdoff_error(code: str, holdoff_ms: int) -> K2TokenError:
+    return error_from_report(code, holdoff_ms / 1000 if holdoff_ms > 0 else None)
+
+
+def _exchange_and_publish(
+    lock: LockAttempt,
+    clock: Callable[[], float],
+    backoff: BackoffPolicy,
+    local: LocalFailures | None,
+) -> Flow[Snapshot]:
     try:
         issued = yield from perform(Exchange())
     except K2TokenError as exc:
-        # Give the lock back and tell the waiters why. If Redis fails here too, the lease frees
-        # the lock anyway; the exchange error is the one the caller can act on.
+        # Give the lock back, tell the waiters why and hold the fleet off K2 for a while. If
+        # Redis fails here too, the lease frees the lock anyway; the exchange error is the one
+        # the caller can act on.
+        holdoff = backoff.holdoff(exc, lock.streak + 1)
+        release = Release(lock, exc.code, int(holdoff * 1000), is_credentials_error(exc))
         with contextlib.suppress(K2TokenError):
-            yield from perform(Release(lock, exc.code))
+            yield from perform(release)
         raise
-    return (yield from perform(Publish(lock, issued)))
+    try:
+        return (yield from perform(Publish(lock, issued)))
+    except SharedCacheError:
+        if local is None:
+            raise
+        # Redis went away mid-exchange: the token is good, keep it in this process.
+        return own_snapshot(issued, 0, clock())
+
+
+def _local(
+    seen: Snapshot | None, clock: Callable[[], float], backoff: BackoffPolicy, local: LocalFailures
+) -> Flow[Snapshot]:
+    """Without Redis: exchange in this process, under the same hold-off policy kept locally."""
+    local.check(clock())
+    try:
+        issued = yield from perform(Exchange())
+    except K2TokenError as exc:
+        local.failed(exc, backoff, clock())
+        raise
+    local.succeeded()
+    return own_snapshot(issued, 0, clock())
 
 
 def obtain(
-    windows: Windows, seen: Snapshot | None, deadline: float, clock: Callable[[], float]
+    windows: Windows,
+    seen: Snapshot | None,
+    deadline: float,
+    clock: Callable[[], float],
+    *,
+    backoff: BackoffPolicy = DEFAULT_BACKOFF,
+    local: LocalFailures | None = None,
+    shared: bool = True,
 ) -> Flow[Snapshot]:
     """A caller needs a usable token now (cache miss or past ``min_validity``).
 
     Take the lock and exchange, or wait to be woken by whoever holds it. A holder that dies
     leaves its lock to expire; the wait is bounded by the lock's remaining lease, after which
     this caller tries to take the lock over. Gives up with :class:`TokenUnavailableError` at
-    ``deadline``; a failure the holder reports is raised here too, so a fleet does not hammer
-    the endpoint after, say, ``invalid_client``.
+    ``deadline``; a failure the holder reports, or a hold-off the fleet is in, is raised here
+    too, so a fleet does not hammer the endpoint after, say, ``invalid_client``. Whatever the
+    failure, a token that has not expired yet is handed out instead of an error.
+
+    ``local`` (a process's own hold-off memory) turns on the fallback: when Redis fails, the
+    flow carries on without it. ``shared=False`` goes there directly (the circuit is open).
     """
-    force = timed_out = False
-    while True:
-        threshold = -1 if force else windows.lock_threshold_ms(_lifetime(seen), fresh=False)
-        lock = yield from perform(TryLock(threshold, timed_out))
-        seen = lock.snapshot or seen
-        if _usable(windows, lock.snapshot, clock(), fresh=False):
-            if lock.acquired:
-                yield from perform(Release(lock))
-            assert lock.snapshot is not None
-            return lock.snapshot
-        if lock.acquired:
-            return (yield from _exchange_and_publish(lock))
-        if lock.skipped:
-            # Redis judged the value good but we cannot use it (unreadable, or its lifetime
-            # shrinks our windows): take the lock regardless on the next attempt.
-            force = True
-            continue
-        remaining = deadline - clock()
-        if remaining <= 0:
-            raise TokenUnavailableError(
-                "no token within wait_timeout: another worker holds the refresh lock"
+    if shared:
+        try:
+            return (
+                yield from _obtain_shared(
+                    windows, seen, deadline, clock, backoff=backoff, local=local
+                )
             )
-        wake_by = min(remaining, max(lock.lock_ttl_ms, 0) / 1000 + 0.01)
-        outcome = yield from perform(Wait(wake_by, threshold))
-        if outcome.error_code is not None:
-            raise error_from_report(outcome.error_code)
-        if _usable(windows, outcome.snapshot, clock(), fresh=False):
-            assert outcome.snapshot is not None
-            return outcome.snapshot
-        timed_out = outcome.timed_out
+        except SharedCacheError:
+            if local is None:
+                raise
+    if local is None:
+        raise SharedCacheError("Redis is skipped and the local fallback is off")
+    try:
+        return (yield from _local(seen, clock, backoff, local))
+    except K2TokenError:
+        if _alive(seen, clock()):
+            assert seen is not None
+            return seen
+        raise
+
+
+def _obtain_shared(
+    windows: Windows,
+    seen: Snapshot | None,
+    deadline: float,
+    clock: Callable[[], float],
+    *,
+    backoff: BackoffPolicy,
+    local: LocalFailures | None,
+) -> Flow[Snapshot]:
+    force = timed_out = False
+    try:
+        while True:
+            threshold = -1 if force else windows.lock_threshold_ms(_lifetime(seen), fresh=False)
+            lock = yield from perform(TryLock(threshold, timed_out))
+            seen = lock.snapshot or seen
+            if _usable(windows, lock.snapshot, clock(), fresh=False):
+                if lock.acquired:
+                    yield from perform(Release(lock))
+                assert lock.snapshot is not None
+                return lock.snapshot
+            if lock.acquired:
+                return (yield from _exchange_and_publish(lock, clock, backoff, local))
+            if lock.holdoff_code is not None:
+                raise _holdoff_error(lock.holdoff_code, lock.holdoff_ms)
+            if lock.skipped:
+                # Redis judged the value good but we cannot use it (unreadable, or its lifetime
+                # shrinks our windows): take the lock regardless on the next attempt.
+                force = True
+                continue
+            remaining = deadline - clock()
+            if remaining <= 0:
+                raise TokenUnavailableError(
+                    "no token within wait_timeout: another worker holds the refresh lock"
+                )
+            wake_by = min(remaining, max(lock.lock_ttl_ms, 0) / 1000 + 0.01)
+            outcome = yield from perform(Wait(wake_by, threshold))
+            if outcome.error_code is not None:
+                raise _holdoff_error(outcome.error_code, outcome.holdoff_ms)
+            if _usable(windows, outcome.snapshot, clock(), fresh=False):
+                assert outcome.snapshot is not None
+                return outcome.snapshot
+            seen = outcome.snapshot or seen
+            timed_out = outcome.timed_out
+    except SharedCacheError:
+        raise
+    except K2TokenError:
+        if _alive(seen, clock()):
+            assert seen is not None
+            return seen
+        raise
 
 
 def refresh(
-    windows: Windows, lifetime: float | None, clock: Callable[[], float]
+    windows: Windows,
+    lifetime: float | None,
+    clock: Callable[[], float],
+    *,
+    backoff: BackoffPolicy = DEFAULT_BACKOFF,
+    local: LocalFailures | None = None,
+    shared: bool = True,
+    held_fresh: bool = False,
 ) -> Flow[Snapshot | None]:
     """Early refresh, off the callers' path: the current token is still usable.
 
     Only the worker that wins the lock exchanges; a worker that loses waits for the winner's
     announcement (so its local copy is replaced the moment the new token exists) but never
     exchanges itself. Returns ``None`` when nothing newer arrived; errors propagate to the
-    background runner, which logs them and keeps the current token.
+    background runner, which logs them and keeps the current token. Without Redis (``local``
+    given and Redis failing, or ``shared=False``), this process exchanges for itself, unless
+    its token is still fresh (``held_fresh``: the refresh was only a re-check against Redis).
     """
+    if shared:
+        try:
+            return (
+                yield from _refresh_shared(windows, lifetime, clock, backoff=backoff, local=local)
+            )
+        except SharedCacheError:
+            if local is None:
+                raise
+    if local is None:
+        raise SharedCacheError("Redis is skipped and the local fallback is off")
+    if held_fresh:
+        return None
+    return (yield from _local(None, clock, backoff, local))
+
+
+def _refresh_shared(
+    windows: Windows,
+    lifetime: float | None,
+    clock: Callable[[], float],
+    *,
+    backoff: BackoffPolicy,
+    local: LocalFailures | None,
+) -> Flow[Snapshot | None]:
     threshold = windows.lock_threshold_ms(lifetime, fresh=True)
     lock = yield from perform(TryLock(threshold))
     if lock.skipped and not _usable(windows, lock.snapshot, clock(), fresh=True):
@@ -187,12 +340,14 @@ def refresh(
         if _usable(windows, lock.snapshot, clock(), fresh=True):
             yield from perform(Release(lock))
             return lock.snapshot
-        return (yield from _exchange_and_publish(lock))
+        return (yield from _exchange_and_publish(lock, clock, backoff, local))
     if _usable(windows, lock.snapshot, clock(), fresh=True):
         return lock.snapshot
+    if lock.holdoff_code is not None:
+        raise _holdoff_error(lock.holdoff_code, lock.holdoff_ms)
     outcome = yield from perform(Wait(max(lock.lock_ttl_ms, 0) / 1000 + 0.01, threshold))
     if outcome.error_code is not None:
-        raise error_from_report(outcome.error_code)
+        raise _holdoff_error(outcome.error_code, outcome.holdoff_ms)
     return outcome.snapshot
 
 

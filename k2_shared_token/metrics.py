@@ -25,8 +25,10 @@ EXCHANGE_FAILED = "exchange_failed"
 WAIT = "wait"  # waited for another worker's announcement
 LOCK_TAKEOVER = "lock_takeover"  # took the lock after its holder's lease ran out
 REFRESH_FAILED = "refresh_failed"  # an early (background) refresh failed; callers kept the token
+REDIS_ERROR = "redis_error"  # a Redis call failed (timeout, refused, ...); the breaker opened
+FALLBACK = "fallback"  # a token was obtained without Redis, for this process only
 EVENTS = (LOCAL_HIT, SHARED_HIT, MISS, EXCHANGE_OK, EXCHANGE_FAILED, WAIT, LOCK_TAKEOVER,
-          REFRESH_FAILED)  # fmt: skip
+          REFRESH_FAILED, REDIS_ERROR, FALLBACK)  # fmt: skip
 RECORDED = EVENTS[1:]  # local hits are counted by the provider itself, on its hot path
 TIMED = (EXCHANGE_OK, EXCHANGE_FAILED, WAIT)
 

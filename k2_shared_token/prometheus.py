@@ -30,8 +30,7 @@ class ProviderCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily]:
         events = CounterMetricFamily(
             "k2_token_events",
-            "Token provider events: local_hit, shared_hit, miss, exchange_ok, exchange_failed, "
-            "wait, lock_takeover, refresh_failed",
+            "Token provider events: " + ", ".join(EVENTS),
             labels=["namespace", "event"],
         )
         seconds = CounterMetricFamily(

@@ -19,19 +19,21 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import redis as redis_lib
 import requests
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import flow, metrics
+from . import crypto, flow, metrics
 from .access_token import AccessToken, fingerprint_of
 from .auth import K2BearerAuth
 from .background import BackgroundRefresh
-from .errors import ConfigurationError, K2TokenError
+from .backoff import BackoffPolicy, LocalFailures, credentials_fingerprint
+from .breaker import Breaker
+from .errors import ConfigurationError, K2TokenError, SharedCacheError
 from .exchange import ExchangeClient
 from .freshness import Held, Snapshot, Windows
 from .metrics import Hook, Metrics
@@ -43,6 +45,8 @@ from .store import RedisStore
 log = logging.getLogger("k2_shared_token")
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+T = TypeVar("T")
 
 _live: weakref.WeakSet[SharedTokenProvider] = weakref.WeakSet()
 
@@ -110,6 +114,12 @@ class SharedTokenProvider:
         read_timeout: float = 10,
         max_attempts: int = 4,
         redis_timeout: float = 1.0,
+        on_redis_error: str = "fallback",
+        redis_cooldown: float = 5.0,
+        invalid_client_holdoff: float = 60.0,
+        failure_backoff: float = 1.0,
+        failure_backoff_max: float = 60.0,
+        encryption_keys: Iterable[str | bytes] = (),
         allow_insecure_http: bool = False,
         session: requests.Session | None = None,
         hooks: Iterable[Hook] = (),
@@ -130,12 +140,18 @@ class SharedTokenProvider:
             local_cache=local_cache,
             local_max_age=local_max_age,
             allow_insecure_http=allow_insecure_http,
+            on_redis_error=on_redis_error,
+            redis_timeout=redis_timeout,
+            redis_cooldown=redis_cooldown,
+            invalid_client_holdoff=invalid_client_holdoff,
+            failure_backoff=failure_backoff,
+            failure_backoff_max=failure_backoff_max,
         )
         if isinstance(redis, str):
             if not redis.strip():
                 raise ConfigurationError("redis must be a Redis URL or a redis-py client")
             try:
-                client = redis_client(redis, redis_timeout)
+                client = redis_client(redis, s.redis_timeout)
             except ValueError as exc:
                 raise ConfigurationError(f"redis URL is not valid: {exc}") from None
             self._owns_redis = True
@@ -144,9 +160,22 @@ class SharedTokenProvider:
         else:
             client, self._owns_redis = redis, False
         self._windows = Windows(s.refresh_ahead, s.min_validity, s.local_max_age)
-        self._store = RedisStore(
-            client, Keys.for_namespace(s.key_prefix, s.namespace), s.lock_lease, s.namespace
+        self._backoff = BackoffPolicy(
+            s.failure_backoff, s.failure_backoff_max, s.invalid_client_holdoff
         )
+        keys = Keys.for_namespace(s.key_prefix, s.namespace)
+        encryption_keys = list(encryption_keys)
+        self._store = RedisStore(
+            client,
+            keys,
+            s.lock_lease,
+            s.namespace,
+            credentials=credentials_fingerprint(s.client_id, s.client_secret),
+            cipher=crypto.TokenCipher(encryption_keys, keys.token) if encryption_keys else None,
+        )
+        self._breaker = Breaker(s.redis_cooldown)
+        # Only the fallback's single-flight leader touches it: no lock needed.
+        self._local_failures = LocalFailures() if s.fallback else None
         self._exchange = ExchangeClient(s, session)
         self._held: Held | None = None
         self._generation = 0
@@ -163,10 +192,13 @@ class SharedTokenProvider:
         """Build from the environment; keyword arguments override it.
 
         Required: ``K2_CLIENT_ID``, ``K2_CLIENT_SECRET``. Optional: ``K2_BASE_URL`` (default:
-        sandbox), ``K2_REDIS_URL`` (else ``REDIS_URL``), and the tuning knobs
-        ``K2_REFRESH_AHEAD``, ``K2_MIN_VALIDITY``, ``K2_LOCK_LEASE``, ``K2_WAIT_TIMEOUT``
-        (seconds), ``K2_KEY_PREFIX`` and ``K2_ALLOW_INSECURE_HTTP=1`` (plain http to a non-loopback
-        host, e.g. the fake server in docker-compose), so a deployment is configured in one place.
+        sandbox), ``K2_REDIS_URL`` (else ``REDIS_URL``), ``K2_TOKEN_ENCRYPTION_KEYS``
+        (comma-separated, the encrypting key first), and the tuning knobs ``K2_REFRESH_AHEAD``,
+        ``K2_MIN_VALIDITY``, ``K2_LOCK_LEASE``, ``K2_WAIT_TIMEOUT``, ``K2_REDIS_TIMEOUT``,
+        ``K2_INVALID_CLIENT_HOLDOFF`` (seconds), ``K2_ON_REDIS_ERROR`` (``fallback`` or
+        ``raise``), ``K2_KEY_PREFIX`` and ``K2_ALLOW_INSECURE_HTTP=1`` (plain http to a
+        non-loopback host, e.g. the fake server in docker-compose), so a deployment is
+        configured in one place.
         """
         env = os.environ if environ is None else environ
         kwargs: dict[str, Any] = {
@@ -175,7 +207,14 @@ class SharedTokenProvider:
             "base_url": env.get("K2_BASE_URL") or SANDBOX_URL,
             "redis": env.get("K2_REDIS_URL") or env.get("REDIS_URL") or DEFAULT_REDIS_URL,
         }
-        for name in ("refresh_ahead", "min_validity", "lock_lease", "wait_timeout"):
+        for name in (
+            "refresh_ahead",
+            "min_validity",
+            "lock_lease",
+            "wait_timeout",
+            "redis_timeout",
+            "invalid_client_holdoff",
+        ):
             raw = env.get(f"K2_{name.upper()}")
             if raw:
                 try:
@@ -184,6 +223,10 @@ class SharedTokenProvider:
                     raise ConfigurationError(f"K2_{name.upper()} must be seconds") from None
         if env.get("K2_KEY_PREFIX"):
             kwargs["key_prefix"] = env["K2_KEY_PREFIX"]
+        if env.get("K2_ON_REDIS_ERROR"):
+            kwargs["on_redis_error"] = env["K2_ON_REDIS_ERROR"]
+        if env.get(crypto.ENV_KEYS):
+            kwargs["encryption_keys"] = crypto.keys_from_env(env[crypto.ENV_KEYS])
         if env.get("K2_ALLOW_INSECURE_HTTP", "").lower() in ("1", "true", "yes"):
             kwargs["allow_insecure_http"] = True
         kwargs.update(overrides)
@@ -235,7 +278,7 @@ class SharedTokenProvider:
             # one round trip per process, not one per thread.
             held = self._flight.run(lambda: self._obtain(None), s.wait_timeout + s.lock_lease)
         else:
-            snap = self._store.read()
+            snap = self._shared_read()
             shared = self._windows.hold(snap) if snap is not None else None
             if shared is not None and shared.is_usable(time.monotonic()):
                 self._metrics.record(metrics.SHARED_HIT)
@@ -245,6 +288,15 @@ class SharedTokenProvider:
         if not held.is_fresh(time.monotonic()):
             self._background.kick()
         return held.token
+
+    def _shared_read(self) -> Snapshot | None:
+        """The L1-less read; in fallback mode a failing Redis reads as a miss."""
+        try:
+            return self._redis(self._store.read)
+        except SharedCacheError:
+            if self.settings.fallback:
+                return None
+            raise
 
     def _obtain(self, seen: Snapshot | None) -> Held:
         generation = self._generation
@@ -260,11 +312,20 @@ class SharedTokenProvider:
                 self._metrics.record(metrics.MISS)
             return self._do(effect)
 
-        snap = flow.drive(flow.obtain(self._windows, seen, deadline, time.monotonic), do)
+        core = flow.obtain(
+            self._windows,
+            seen,
+            deadline,
+            time.monotonic,
+            backoff=self._backoff,
+            local=self._local_failures,
+            shared=self._shared_allowed(),
+        )
+        snap = flow.drive(core, do)
         if not missed:
             self._metrics.record(metrics.SHARED_HIT)
         held = self._windows.hold(snap)
-        self._adopt(held, generation)
+        self._adopt(held, generation, shared=snap.stored.fence > 0)
         return held
 
     def _refresh_job(self) -> float | None:
@@ -272,10 +333,19 @@ class SharedTokenProvider:
         held, generation = self._held, self._generation
         lifetime = held.lifetime if held is not None else None
         try:
-            snap = flow.drive(flow.refresh(self._windows, lifetime, time.monotonic), self._do)
+            core = flow.refresh(
+                self._windows,
+                lifetime,
+                time.monotonic,
+                backoff=self._backoff,
+                local=self._local_failures,
+                shared=self._shared_allowed(),
+                held_fresh=held is not None and held.is_fresh(time.monotonic()),
+            )
+            snap = flow.drive(core, self._do)
         except K2TokenError as exc:
             self._metrics.record(metrics.REFRESH_FAILED)
-            pause = self._windows.retry_interval(lifetime)
+            pause = max(self._windows.retry_interval(lifetime), getattr(exc, "retry_after", 0) or 0)
             log.warning(
                 "namespace %s: early refresh failed (%s: %s); serving the current token, "
                 "next try in %.1f s",
@@ -286,20 +356,65 @@ class SharedTokenProvider:
             )
             return pause
         if snap is None:
-            return 0.0
-        self._adopt(self._windows.hold(snap), generation)
+            # Nothing newer (the winner announced nothing, or Redis is skipped and our copy is
+            # still fresh): look again after a short pause rather than at every call.
+            return self._windows.retry_interval(lifetime)
+        self._adopt(self._windows.hold(snap), generation, shared=snap.stored.fence > 0)
         return None
 
-    def _adopt(self, held: Held, generation: int) -> None:
-        """Keep ``held`` as this process's copy, unless an invalidation happened meanwhile."""
-        if self.settings.local_cache and generation == self._generation:
-            self._held = held
+    def _adopt(self, held: Held, generation: int, *, shared: bool) -> None:
+        """Keep ``held`` as this process's copy, unless an invalidation happened meanwhile.
+
+        Without ``local_cache`` only a token Redis does not have (the fallback's own) is kept:
+        otherwise an outage would cost an exchange per call.
+        """
+        if generation == self._generation:
+            self._held = held if self.settings.local_cache or not shared else None
+
+    # -- Redis, behind the circuit breaker ---------------------------------------------------
+
+    def _shared_allowed(self) -> bool:
+        """Whether to try Redis now; with the circuit open and no fallback, fail at once."""
+        if self._breaker.allows(time.monotonic()):
+            return True
+        if self.settings.fallback:
+            return False
+        raise SharedCacheError(
+            "Redis is unavailable (circuit open: not retried for "
+            f"{self.settings.redis_cooldown:g} s after a failure)"
+        )
+
+    def _redis(self, call: Callable[[], T]) -> T:
+        """Run one Redis call; feed the breaker and log an outage's start and end, once each."""
+        try:
+            result = call()
+        except SharedCacheError as exc:
+            self._metrics.record(metrics.REDIS_ERROR)
+            if self._breaker.failed(time.monotonic()):
+                log.warning(
+                    "namespace %s: Redis unavailable (%s); %s, retrying Redis every %g s",
+                    self.namespace,
+                    exc,
+                    "each process keeps its own token meanwhile"
+                    if self.settings.fallback
+                    else "token requests fail meanwhile",
+                    self.settings.redis_cooldown,
+                )
+            raise
+        outage = self._breaker.succeeded(time.monotonic())
+        if outage is not None:
+            log.warning(
+                "namespace %s: Redis answers again after %.1f s; the token is shared again",
+                self.namespace,
+                outage,
+            )
+        return result
 
     def _do(self, effect: flow.Effect[Any]) -> Any:
         """Perform one effect of the core with blocking I/O."""
         match effect:
             case flow.TryLock(min_ttl_ms=min_ttl_ms, after_timeout=after_timeout):
-                attempt = self._store.try_lock(min_ttl_ms)
+                attempt = self._redis(lambda: self._store.try_lock(min_ttl_ms))
                 if attempt.acquired and after_timeout:
                     self._metrics.record(metrics.LOCK_TAKEOVER)
                     log.warning(
@@ -315,6 +430,8 @@ class SharedTokenProvider:
                     self._metrics.record(metrics.EXCHANGE_FAILED, time.monotonic() - started)
                     raise
                 self._metrics.record(metrics.EXCHANGE_OK, issued.took)
+                if self._breaker.is_open:
+                    self._metrics.record(metrics.FALLBACK)
                 log.info(
                     "namespace %s: exchanged a new token %s, valid %d s",
                     self.namespace,
@@ -323,13 +440,13 @@ class SharedTokenProvider:
                 )
                 return issued
             case flow.Publish(lock=lock, issued=issued):
-                return self._store.publish(lock, issued)
-            case flow.Release(lock=lock, error_code=code):
-                return self._store.release(lock, code)
+                return self._redis(lambda: self._store.publish(lock, issued))
+            case flow.Release(lock=lock, error_code=code, holdoff_ms=ms, credentials=creds):
+                return self._redis(lambda: self._store.release(lock, code, ms, creds))
             case flow.Wait(timeout=timeout, min_ttl_ms=min_ttl_ms):
                 started = time.monotonic()
                 try:
-                    return self._store.wait(timeout, min_ttl_ms)
+                    return self._redis(lambda: self._store.wait(timeout, min_ttl_ms))
                 finally:
                     self._metrics.record(metrics.WAIT, time.monotonic() - started)
         raise TypeError(f"unknown effect {effect!r}")  # pragma: no cover
@@ -341,13 +458,19 @@ class SharedTokenProvider:
 
         Compare-and-delete: a hundred workers reporting the same dead token cause one refresh,
         and a worker reporting an old token never deletes the new one. True if Redis held it.
+        With Redis unavailable (fallback mode) only the local copy is dropped.
         """
         value = token.value if isinstance(token, AccessToken) else token
         held = self._held
         if held is not None and held.token.value == value:
             self._generation += 1
             self._held = None
-        deleted = self._store.invalidate(value)
+        try:
+            deleted = self._shared_allowed() and self._redis(lambda: self._store.invalidate(value))
+        except SharedCacheError:
+            if not self.settings.fallback:
+                raise
+            deleted = False
         log.info(
             "namespace %s: token %s invalidated (%s)",
             self.namespace,

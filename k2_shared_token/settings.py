@@ -97,6 +97,17 @@ class Settings:
     local_cache: bool
     local_max_age: float
     namespace: str
+    on_redis_error: str = "fallback"
+    redis_timeout: float = 1.0
+    redis_cooldown: float = 5.0
+    invalid_client_holdoff: float = 60.0
+    failure_backoff: float = 1.0
+    failure_backoff_max: float = 60.0
+
+    @property
+    def fallback(self) -> bool:
+        """Carry on without Redis (process-local token) when it fails, rather than raise."""
+        return self.on_redis_error == "fallback"
 
     @classmethod
     def build(
@@ -117,6 +128,12 @@ class Settings:
         local_cache: bool = True,
         local_max_age: float = 60,
         allow_insecure_http: bool = False,
+        on_redis_error: str = "fallback",
+        redis_timeout: float = 1.0,
+        redis_cooldown: float = 5.0,
+        invalid_client_holdoff: float = 60.0,
+        failure_backoff: float = 1.0,
+        failure_backoff_max: float = 60.0,
     ) -> Settings:
         for name, value in (("client_id", client_id), ("client_secret", client_secret)):
             if not isinstance(value, str) or not value.strip():
@@ -149,6 +166,22 @@ class Settings:
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise ConfigurationError(f"max_attempts must be an integer >= 1 (got {max_attempts!r})")
         local_max_age = _positive("local_max_age", local_max_age)
+        if on_redis_error not in ("fallback", "raise"):
+            raise ConfigurationError(
+                f"on_redis_error must be 'fallback' or 'raise' (got {on_redis_error!r})"
+            )
+        redis_timeout = _positive("redis_timeout", redis_timeout)
+        redis_cooldown = _positive("redis_cooldown", redis_cooldown)
+        invalid_client_holdoff = _positive(
+            "invalid_client_holdoff", invalid_client_holdoff, allow_zero=True
+        )
+        failure_backoff = _positive("failure_backoff", failure_backoff)
+        failure_backoff_max = _positive("failure_backoff_max", failure_backoff_max)
+        if failure_backoff_max < failure_backoff:
+            raise ConfigurationError(
+                f"failure_backoff_max ({failure_backoff_max}) must be at least "
+                f"failure_backoff ({failure_backoff})"
+            )
         return cls(
             client_id=client_id,
             client_secret=client_secret,
@@ -165,6 +198,12 @@ class Settings:
             local_cache=bool(local_cache),
             local_max_age=local_max_age,
             namespace=namespace_for(url, client_id),
+            on_redis_error=on_redis_error,
+            redis_timeout=redis_timeout,
+            redis_cooldown=redis_cooldown,
+            invalid_client_holdoff=invalid_client_holdoff,
+            failure_backoff=failure_backoff,
+            failure_backoff_max=failure_backoff_max,
         )
 
     @property

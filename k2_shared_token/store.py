@@ -21,8 +21,9 @@ import redis
 
 from . import codec, redis_layout
 from .access_token import fingerprint_of
+from .crypto import TokenCipher
 from .errors import SharedCacheError
-from .flow import IssuedToken, LockAttempt, WaitOutcome
+from .flow import IssuedToken, LockAttempt, WaitOutcome, own_snapshot
 from .freshness import Snapshot
 from .redis_layout import Keys
 
@@ -113,6 +114,12 @@ def lock_owner() -> str:
     return f"{host}:{os.getpid()}:{int(time.time() * 1000)}:{secrets.token_hex(8)}"
 
 
+def _count(raw: Any) -> int:
+    """A counter read back for display; anything that is not one (foreign data) reads as 0."""
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
+    return int(text) if text.isdigit() else 0
+
+
 def _guard(what: str, call: Callable[[], T]) -> T:
     try:
         return call()
@@ -123,10 +130,23 @@ def _guard(what: str, call: Callable[[], T]) -> T:
 class RedisStore:
     """All Redis I/O of one namespace."""
 
-    def __init__(self, client: Any, keys: Keys, lock_lease: float, namespace: str) -> None:
+    def __init__(
+        self,
+        client: Any,
+        keys: Keys,
+        lock_lease: float,
+        namespace: str,
+        *,
+        credentials: str = "",
+        cipher: TokenCipher | None = None,
+    ) -> None:
+        """``credentials`` is the secret's fingerprint (:func:`backoff.credentials_fingerprint`):
+        a credentials hold-off set by workers with another secret does not bind this one."""
         self.client = client
         self.keys = keys
         self.namespace = namespace
+        self._credentials = credentials
+        self._cipher = cipher
         self._lease_ms = int(lock_lease * 1000)
         self._read = LuaScript(client, redis_layout.READ)
         self._pipelined = PipelinedRead.for_client(client, keys)
@@ -145,7 +165,9 @@ class RedisStore:
         last = self._last_decoded
         try:
             # Most reads return the bytes of the previous one: skip the JSON and digest work.
-            stored = last[1] if last is not None and last[0] == raw else codec.decode(raw)
+            stored = (
+                last[1] if last is not None and last[0] == raw else codec.decode(raw, self._cipher)
+            )
         except codec.CorruptValueError as exc:
             log.warning(
                 "namespace %s: ignoring unreadable token value (%s); it will be overwritten",
@@ -170,14 +192,16 @@ class RedisStore:
 
     def try_lock(self, min_ttl_ms: int) -> LockAttempt:
         owner = lock_owner()
-        outcome, number, raw, ttl = _guard(
+        k = self.keys
+        outcome, number, raw, ttl, extra = _guard(
             "lock",
             lambda: self._try_lock(
-                keys=[self.keys.token, self.keys.lock, self.keys.fence],
-                args=[owner, self._lease_ms, min_ttl_ms],
+                keys=[k.token, k.lock, k.fence, k.backoff, k.failures],
+                args=[owner, self._lease_ms, min_ttl_ms, self._credentials],
             ),
         )
         got = outcome == 1
+        extra = extra.decode("ascii", "replace") if isinstance(extra, bytes) else str(extra)
         return LockAttempt(
             acquired=got,
             skipped=outcome == 2,
@@ -185,19 +209,14 @@ class RedisStore:
             lock_ttl_ms=int(number) if outcome == 0 else 0,
             snapshot=self.snapshot(raw, int(ttl)),
             owner=owner,
+            streak=int(extra) if got and extra.isdigit() else 0,
+            holdoff_code=extra if outcome == 3 else None,
+            holdoff_ms=int(number) if outcome == 3 else 0,
         )
 
     def publish(self, lock: LockAttempt, issued: IssuedToken) -> Snapshot:
-        now, wall = time.monotonic(), time.time()
-        ttl_ms = int((issued.expires_in - (now - issued.requested_at)) * 1000)
-        stored = codec.StoredToken(
-            issued.value,
-            issued.token_type,
-            issued.expires_in,
-            lock.fence,
-            issued.requested_at_wall,
-            int(issued.took * 1000),
-        )
+        snap = own_snapshot(issued, lock.fence, time.monotonic())
+        stored, ttl_ms, k = snap.stored, snap.ttl_ms, self.keys
         if ttl_ms > 0:
             value = codec.encode(
                 stored.value,
@@ -206,12 +225,13 @@ class RedisStore:
                 stored.fence,
                 issued_at=stored.issued_at,
                 took_ms=stored.took_ms,
+                cipher=self._cipher,
             )
             written = _guard(
                 "publish",
                 lambda: self._publish(
-                    keys=[self.keys.token, self.keys.lock, self.keys.fence],
-                    args=[lock.owner, lock.fence, value, ttl_ms, self.keys.channel],
+                    keys=[k.token, k.lock, k.fence, k.backoff, k.failures],
+                    args=[lock.owner, lock.fence, value, ttl_ms, k.channel],
                 ),
             )
             if not written:
@@ -220,14 +240,21 @@ class RedisStore:
                     "local and not shared",
                     self.namespace,
                 )
-        return Snapshot(stored, max(ttl_ms, 0), now, wall)
+        return snap
 
-    def release(self, lock: LockAttempt, error_code: str) -> None:
-        message = codec.announce_failure(error_code) if error_code else ""
+    def release(
+        self, lock: LockAttempt, error_code: str, holdoff_ms: int = 0, credentials: bool = False
+    ) -> None:
+        message = codec.announce_failure(error_code, holdoff_ms) if error_code else ""
+        holdoff = ""
+        if error_code and holdoff_ms > 0:
+            holdoff = f"{error_code}:{self._credentials if credentials else ''}"
+        k = self.keys
         _guard(
             "release",
             lambda: self._release(
-                keys=[self.keys.lock], args=[lock.owner, self.keys.channel, message]
+                keys=[k.lock, k.backoff, k.failures],
+                args=[lock.owner, k.channel, message, holdoff, max(holdoff_ms, 1)],
             ),
         )
 
@@ -240,21 +267,30 @@ class RedisStore:
 
         def read() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
-            for key in (self.keys.token, self.keys.lock):
+            for key in (self.keys.token, self.keys.lock, self.keys.backoff):
                 pipe.get(key)
                 pipe.pttl(key)
             pipe.get(self.keys.fence)
-            return list(pipe.execute())
+            pipe.get(self.keys.failures)
+            return list(pipe.execute(raise_on_error=False))
 
-        raw, ttl, owner, lock_ttl, fence = _guard("status", read)
+        raw, ttl, owner, lock_ttl, backoff, backoff_ttl, fence, failures = _guard("status", read)
         now = time.time()
         out: dict[str, Any] = {
             "namespace": self.namespace,
             "token": None,
             "lock": None,
-            "lock_acquisitions": int(fence or 0),
+            "lock_acquisitions": _count(fence),
+            "holdoff": None,
         }
-        snap = self.snapshot(raw, int(ttl))
+        if isinstance(backoff, (bytes, str)) and int(backoff_ttl) > 0:
+            text = backoff.decode("ascii", "replace") if isinstance(backoff, bytes) else backoff
+            out["holdoff"] = {
+                "error": text.partition(":")[0][:64],
+                "seconds_left": round(int(backoff_ttl) / 1000, 3),
+                "failed_exchanges": _count(failures),
+            }
+        snap = self.snapshot(raw, int(ttl)) if isinstance(raw, (bytes, str)) else None
         if snap is not None:
             stored = snap.stored
             out["token"] = {
@@ -264,7 +300,7 @@ class RedisStore:
                 "issued_at": stored.issued_at or None,
                 "exchange_seconds": stored.took_ms / 1000,
             }
-        if owner is not None:
+        if isinstance(owner, (bytes, str)):
             text = owner.decode(errors="replace") if isinstance(owner, bytes) else str(owner)
             host, pid, since_ms, _ = [*text.split(":", 3), "", "", ""][:4]
             since = int(since_ms) / 1000 if since_ms.isascii() and since_ms.isdigit() else None
@@ -320,13 +356,14 @@ class RedisStore:
                 continue
             try:
                 data = message["data"]
-                ann = codec.decode_announcement(data.encode() if isinstance(data, str) else data)
+                raw = data.encode() if isinstance(data, str) else data
+                ann = codec.decode_announcement(raw, self._cipher)
             except codec.CorruptValueError as exc:
                 log.warning(
                     "namespace %s: ignoring unreadable announcement (%s)", self.namespace, exc
                 )
                 continue
             if ann.error_code is not None:
-                return WaitOutcome(None, ann.error_code)
+                return WaitOutcome(None, ann.error_code, holdoff_ms=ann.holdoff_ms)
             assert ann.stored is not None
             return WaitOutcome(Snapshot(ann.stored, ann.ttl_ms, time.monotonic(), time.time()))

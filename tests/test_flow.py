@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from k2_shared_token.access_token import AccessToken
+from k2_shared_token.backoff import LocalFailures
 from k2_shared_token.codec import StoredToken
 from k2_shared_token.errors import (
     InvalidCredentialsError,
@@ -100,8 +101,13 @@ def attempt(
     fence: int = 0,
     lock_ttl_ms: int = 0,
     snapshot: Snapshot | None = None,
+    streak: int = 0,
+    holdoff_code: str | None = None,
+    holdoff_ms: int = 0,
 ) -> LockAttempt:
-    return LockAttempt(acquired, skipped, fence, lock_ttl_ms, snapshot, owner="me")
+    return LockAttempt(
+        acquired, skipped, fence, lock_ttl_ms, snapshot, "me", streak, holdoff_code, holdoff_ms
+    )
 
 
 def won(snapshot: Snapshot | None = None, fence: int = 5) -> LockAttempt:
@@ -138,16 +144,21 @@ def test_obtain_lock_threshold_follows_seen_short_lived_token() -> None:
 
 
 @pytest.mark.parametrize(
-    ("error", "code"),
+    ("error", "code", "holdoff_ms", "credentials"),
     [
-        (InvalidCredentialsError("no", status=401, error="invalid_client"), "invalid_client"),
-        (TokenRequestRejectedError("no", status=400), "rejected"),
-        (TokenEndpointUnavailableError("down", status=503), "unavailable"),
-        (InvalidTokenResponseError("junk", status=200), "invalid_response"),
+        (
+            InvalidCredentialsError("no", status=401, error="invalid_client"),
+            "invalid_client",
+            60_000,
+            True,
+        ),
+        (TokenRequestRejectedError("no", status=400), "rejected", 60_000, True),
+        (TokenEndpointUnavailableError("down", status=503), "unavailable", 1000, False),
+        (InvalidTokenResponseError("junk", status=200), "invalid_response", 1000, False),
     ],
 )
-def test_obtain_exchange_failure_releases_with_code_and_propagates(
-    error: TokenEndpointError, code: str
+def test_obtain_exchange_failure_releases_with_code_and_hold_off_and_propagates(
+    error: TokenEndpointError, code: str, holdoff_ms: int, credentials: bool
 ) -> None:
     lock = won()
     script = Script((TryLock, lock), (Exchange, error), (Release, None))
@@ -155,7 +166,7 @@ def test_obtain_exchange_failure_releases_with_code_and_propagates(
         drive(obtain(WINDOWS, None, 1020.0, Clock()), script)
     assert info.value is error
     assert script.finished()
-    assert script.seen[-1] == Release(lock, code)
+    assert script.seen[-1] == Release(lock, code, holdoff_ms, credentials)
     assert Publish not in script.kinds()
 
 
@@ -165,7 +176,7 @@ def test_obtain_stepped_by_hand_with_send_and_throw() -> None:
     assert next(flow) == TryLock(30_000)
     assert flow.send(lock) == Exchange()
     error = InvalidCredentialsError("rejected", status=401, error="invalid_client")
-    assert flow.throw(error) == Release(lock, "invalid_client")
+    assert flow.throw(error) == Release(lock, "invalid_client", 60_000, credentials=True)
     with pytest.raises(InvalidCredentialsError):
         flow.send(None)
 
@@ -300,10 +311,105 @@ def test_obtain_after_force_waits_with_the_forced_threshold() -> None:
 
 
 def test_obtain_judges_usability_at_the_clock_not_at_the_snapshot() -> None:
-    current = snap(100, seen_at=1000.0)  # usable until 1070 on the monotonic clock
+    current = snap(100, seen_at=1000.0)  # usable until 1070, alive until 1100 (monotonic)
     script = Script((TryLock, lost(snapshot=current)), (Wait, WaitOutcome(None, "unavailable")))
     with pytest.raises(TokenEndpointUnavailableError):
-        drive(obtain(WINDOWS, None, 2000.0, Clock(1071.0)), script)
+        drive(obtain(WINDOWS, None, 2000.0, Clock(1100.0)), script)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        (Wait, WaitOutcome(None, "unavailable", holdoff_ms=2000)),
+        (Exchange, TokenEndpointUnavailableError("down", status=503)),
+    ],
+)
+def test_obtain_hands_out_a_token_below_min_validity_rather_than_an_error(
+    failure: tuple[type[Effect[Any]], Any],
+) -> None:
+    current = snap(100, seen_at=1000.0)  # below min_validity at 1071, expires at 1100
+    lock = won(snapshot=current) if failure[0] is Exchange else lost(snapshot=current)
+    steps: list[tuple[type[Effect[Any]], Any]] = [(TryLock, lock), failure]
+    if failure[0] is Exchange:
+        steps.append((Release, None))
+    script = Script(*steps)
+    assert drive(obtain(WINDOWS, None, 2000.0, Clock(1071.0)), script) is current
+    assert script.finished()
+
+
+def test_obtain_raises_the_fleet_hold_off_without_waiting_or_exchanging() -> None:
+    held_off = attempt(holdoff_ms=4500, holdoff_code="unavailable")
+    script = Script((TryLock, held_off))
+    with pytest.raises(TokenEndpointUnavailableError) as info:
+        drive(obtain(WINDOWS, None, 2000.0, Clock()), script)
+    assert info.value.retry_after == 4.5
+    assert script.finished()
+
+
+def test_obtain_hold_off_grows_with_the_failure_streak() -> None:
+    lock = attempt(acquired=True, fence=9, streak=3)  # three failed exchanges before this one
+    error = TokenEndpointUnavailableError("down", status=503)
+    script = Script((TryLock, lock), (Exchange, error), (Release, None))
+    with pytest.raises(TokenEndpointUnavailableError):
+        drive(obtain(WINDOWS, None, 2000.0, Clock()), script)
+    assert script.seen[-1] == Release(lock, "unavailable", 8000)  # 1 s * 2**3
+
+
+def test_obtain_hold_off_honours_a_longer_retry_after() -> None:
+    error = TokenEndpointUnavailableError("busy", status=429, retry_after=30)
+    script = Script((TryLock, won()), (Exchange, error), (Release, None))
+    with pytest.raises(TokenEndpointUnavailableError):
+        drive(obtain(WINDOWS, None, 2000.0, Clock()), script)
+    assert script.seen[-1] == Release(won(), "unavailable", 30_000)
+
+
+def test_obtain_falls_back_to_a_local_exchange_when_redis_fails() -> None:
+    local = LocalFailures()
+    script = Script((TryLock, SharedCacheError("down")), (Exchange, ISSUED))
+    result = drive(obtain(WINDOWS, None, 2000.0, Clock(1000.0), local=local), script)
+    assert result.stored.value == NEW_TOKEN
+    assert result.stored.fence == 0  # not shared
+    assert result.ttl_ms == 3600_000
+
+
+def test_obtain_without_fallback_lets_the_redis_error_through() -> None:
+    script = Script((TryLock, SharedCacheError("down")))
+    with pytest.raises(SharedCacheError):
+        drive(obtain(WINDOWS, None, 2000.0, Clock()), script)
+
+
+def test_obtain_keeps_the_token_when_redis_fails_at_publish() -> None:
+    local = LocalFailures()
+    script = Script((TryLock, won()), (Exchange, ISSUED), (Publish, SharedCacheError("down")))
+    result = drive(obtain(WINDOWS, None, 2000.0, Clock(1000.0), local=local), script)
+    assert result.stored.value == NEW_TOKEN
+    assert script.finished()  # no second exchange
+
+
+def test_local_fallback_holds_off_after_a_failure() -> None:
+    local = LocalFailures()
+    clock = Clock(1000.0)
+    error = TokenEndpointUnavailableError("down", status=503)
+    script = Script((Exchange, error))
+    with pytest.raises(TokenEndpointUnavailableError):
+        drive(obtain(WINDOWS, None, 2000.0, clock, local=local, shared=False), script)
+    with pytest.raises(TokenEndpointUnavailableError) as info:  # no effect at all: held off
+        drive(obtain(WINDOWS, None, 2000.0, clock, local=local, shared=False), Script())
+    assert info.value.retry_after == 1.0
+    clock.now += 1.0
+    script = Script((Exchange, ISSUED))
+    assert drive(obtain(WINDOWS, None, 2000.0, clock, local=local, shared=False), script)
+
+
+def test_refresh_without_redis_and_a_fresh_token_does_nothing() -> None:
+    flow = refresh(WINDOWS, 3600, Clock(), local=LocalFailures(), shared=False, held_fresh=True)
+    assert drive(flow, Script()) is None
+
+
+def test_refresh_during_a_fleet_hold_off_raises_for_the_background_runner() -> None:
+    held_off = attempt(holdoff_ms=2000, holdoff_code="invalid_client", snapshot=snap(200))
+    with pytest.raises(InvalidCredentialsError):
+        drive(refresh(WINDOWS, 3600, Clock()), Script((TryLock, held_off)))
 
 
 # -- refresh ---------------------------------------------------------------------------------
@@ -361,7 +467,7 @@ def test_refresh_exchange_failure_releases_with_code() -> None:
     script = Script((TryLock, lock), (Exchange, error), (Release, None))
     with pytest.raises(TokenEndpointUnavailableError):
         drive(refresh(WINDOWS, 3600, Clock()), script)
-    assert script.seen[2] == Release(lock, "unavailable")
+    assert script.seen[2] == Release(lock, "unavailable", 1000)
 
 
 def test_refresh_skipped_but_not_fresh_to_us_retries_lock_forced() -> None:

@@ -1,0 +1,81 @@
+"""How long the fleet leaves K2 alone after a failed exchange: pure policy, no I/O.
+
+The exchange client already retries a few times inside the lock lease (:mod:`.retry`). When
+those retries are spent, the lock holder writes a *hold-off* next to the token in Redis, and
+until it ends no worker in the fleet asks K2 again: callers without a usable token get the
+failure at once instead of every worker retrying in lockstep, which is what turns an auth
+server's bad minute into an outage (MSAL Python throttles per process for the same reason; we
+throttle per fleet).
+
+- ``invalid_client`` and other rejected requests: retrying cannot help until someone fixes the
+  credentials, so hold off for ``credentials`` seconds. The hold-off records a fingerprint of the
+  secret, and a worker started with a different secret ignores it: a rotation takes effect at
+  once instead of waiting out the hold-off.
+- 5xx, timeouts, garbage replies: exponential in the number of consecutive failed exchanges,
+  from ``base`` up to ``cap``, and never shorter than a ``Retry-After`` the server sent (itself
+  capped at an hour, as MSAL does, so a broken header cannot park a fleet for a day).
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from .errors import (
+    InvalidCredentialsError,
+    K2TokenError,
+    TokenEndpointError,
+    TokenRequestRejectedError,
+    error_from_report,
+)
+
+RETRY_AFTER_CAP = 3600.0
+
+
+def credentials_fingerprint(client_id: str, client_secret: str) -> str:
+    """8 hex digits keyed by the secret: tells one secret from another, reveals nothing of it."""
+    mac = hmac.new(client_secret.encode(), b"k2-shared-token:" + client_id.encode(), "sha256")
+    return mac.hexdigest()[:8]
+
+
+def is_credentials_error(error: K2TokenError) -> bool:
+    return isinstance(error, (InvalidCredentialsError, TokenRequestRejectedError))
+
+
+@dataclass(frozen=True)
+class BackoffPolicy:
+    base: float = 1.0
+    cap: float = 60.0
+    credentials: float = 60.0
+
+    def holdoff(self, error: K2TokenError, streak: int) -> float:
+        """Seconds to leave K2 alone after ``error``, the ``streak``-th failure in a row (>= 1).
+        Zero for errors that are not the token endpoint's (a Redis failure, a timeout waiting)."""
+        if not isinstance(error, TokenEndpointError):
+            return 0.0
+        if is_credentials_error(error):
+            return self.credentials
+        wait = min(self.cap, self.base * 2.0 ** min(max(streak, 1) - 1, 30))
+        return max(wait, min(error.retry_after or 0.0, RETRY_AFTER_CAP))
+
+
+class LocalFailures:
+    """The hold-off of a process that cannot reach Redis (local fallback): same policy, kept in
+    memory. Mutated only by the flow's local branch, under the provider's single flight."""
+
+    def __init__(self) -> None:
+        self.streak = 0
+        self.until = 0.0
+        self.code = ""
+
+    def check(self, now: float) -> None:
+        if now < self.until:
+            raise error_from_report(self.code, self.until - now)
+
+    def failed(self, error: K2TokenError, policy: BackoffPolicy, now: float) -> None:
+        self.streak += 1
+        self.until = now + policy.holdoff(error, self.streak)
+        self.code = error.code
+
+    def succeeded(self) -> None:
+        self.streak, self.until, self.code = 0, 0.0, ""
