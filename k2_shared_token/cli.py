@@ -21,6 +21,7 @@ from typing import Any
 
 from . import crypto, demo, fake_server
 from ._version import __version__
+from .commands import Namespace
 from .errors import (
     ConfigurationError,
     InvalidCredentialsError,
@@ -66,7 +67,9 @@ def _store(args: argparse.Namespace) -> RedisStore:
     keys = Keys.for_namespace(args.key_prefix, namespace)
     keys_env = crypto.keys_from_env(os.environ.get(crypto.ENV_KEYS, ""))
     cipher = crypto.TokenCipher(keys_env, keys.token) if keys_env else None
-    return RedisStore(redis_client(args.redis_url, 2.0), keys, 15, namespace, cipher=cipher)
+    return RedisStore(
+        redis_client(args.redis_url, 2.0), Namespace(keys, namespace, 15, cipher=cipher)
+    )
 
 
 def _get(args: argparse.Namespace) -> int:
