@@ -16,10 +16,21 @@ from .errors import (
 from .provider import SharedTokenProvider
 from .settings import PRODUCTION_URL, SANDBOX_URL
 
+
+def __getattr__(name: str) -> object:
+    # The asyncio provider needs httpx (the 'asyncio' extra): import it only when asked for.
+    if name == "AsyncSharedTokenProvider":
+        from .async_provider import AsyncSharedTokenProvider  # noqa: PLC0415
+
+        return AsyncSharedTokenProvider
+    raise AttributeError(name)
+
+
 __all__ = [
     "PRODUCTION_URL",
     "SANDBOX_URL",
     "AccessToken",
+    "AsyncSharedTokenProvider",
     "ConfigurationError",
     "InvalidCredentialsError",
     "InvalidTokenResponseError",

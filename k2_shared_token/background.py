@@ -12,9 +12,10 @@ child's first kick starts its own.
 from __future__ import annotations
 
 import _thread
+import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 
 class BackgroundRefresh:
@@ -85,3 +86,38 @@ class BackgroundRefresh:
 
     def reset_after_fork(self) -> None:
         self._reset()
+
+
+class AsyncBackgroundRefresh:
+    """The asyncio counterpart: a task per refresh (cheap in asyncio), one at a time."""
+
+    def __init__(self, job: Callable[[], Awaitable[float | None]]) -> None:
+        self._job = job
+        self._task: asyncio.Task[None] | None = None
+        self._not_before = 0.0
+
+    def kick(self) -> None:
+        if self._task is not None or time.monotonic() < self._not_before:
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        pause: float | None = None
+        try:
+            pause = await self._job()
+        finally:
+            if pause:
+                self._not_before = time.monotonic() + pause
+            self._task = None
+
+    async def join(self) -> None:
+        """Wait for a running refresh (tests, orderly shutdown)."""
+        task = self._task
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

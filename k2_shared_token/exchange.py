@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 
 import requests
@@ -23,7 +24,7 @@ from .settings import Settings
 
 log = logging.getLogger("k2_shared_token.exchange")
 
-_MAX_BODY = 64 * 1024
+MAX_BODY = 64 * 1024
 
 
 class ExchangeClient:
@@ -60,10 +61,7 @@ class ExchangeClient:
 
     def _attempt(self, deadline: float, number: int) -> IssuedToken:
         s = self._settings
-        left = deadline - time.monotonic()
-        if left <= 0.05:
-            raise TokenEndpointUnavailableError("exchange deadline reached before an attempt")
-        timeout = (min(s.connect_timeout, left), min(s.read_timeout, left))
+        timeout = attempt_timeouts(s, deadline)
         requested_at, requested_at_wall = time.monotonic(), time.time()
         try:
             with self._session.post(
@@ -74,23 +72,54 @@ class ExchangeClient:
                 allow_redirects=False,
                 stream=True,
             ) as response:
-                body = response.raw.read(_MAX_BODY + 1, decode_content=True)
+                body = response.raw.read(MAX_BODY + 1, decode_content=True)
                 status, headers = response.status_code, response.headers
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise self._unavailable(f"failed ({type(exc).__name__})", number) from None
-        try:
-            if len(body) > _MAX_BODY:
-                raise TokenEndpointError(
-                    f"token endpoint answered HTTP {status} with a body over {_MAX_BODY} bytes",
-                    status=status,
-                )
-            token, token_type, expires_in = wire.parse_token_reply(status, headers, body)
-        except TokenEndpointError as exc:
-            log.warning("token exchange attempt %d: %s", number, exc)
-            raise
-        log.debug("token exchange attempt %d: granted for %d s", number, expires_in)
-        return IssuedToken(token, token_type, expires_in, requested_at, requested_at_wall, 0.0)
+            raise unavailable(s, f"failed ({type(exc).__name__})", number) from None
+        return issued_from_reply(
+            status,
+            headers,
+            body,
+            requested_at=requested_at,
+            requested_at_wall=requested_at_wall,
+            number=number,
+        )
 
-    def _unavailable(self, what: str, number: int) -> TokenEndpointUnavailableError:
-        log.warning("token exchange attempt %d %s", number, what)
-        return TokenEndpointUnavailableError(f"token request to {self._settings.base_url} {what}")
+
+def attempt_timeouts(settings: Settings, deadline: float) -> tuple[float, float]:
+    """(connect, read) timeouts for an attempt that must end by ``deadline`` (monotonic)."""
+    left = deadline - time.monotonic()
+    if left <= 0.05:
+        raise TokenEndpointUnavailableError("exchange deadline reached before an attempt")
+    return min(settings.connect_timeout, left), min(settings.read_timeout, left)
+
+
+def issued_from_reply(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    requested_at: float,
+    requested_at_wall: float,
+    number: int,
+) -> IssuedToken:
+    """The token in a reply (``body`` read up to ``MAX_BODY + 1`` bytes), or the error it is."""
+    try:
+        if len(body) > MAX_BODY:
+            raise TokenEndpointError(
+                f"token endpoint answered HTTP {status} with a body over {MAX_BODY} bytes",
+                status=status,
+            )
+        token, token_type, expires_in = wire.parse_token_reply(status, headers, body)
+    except TokenEndpointError as exc:
+        log.warning("token exchange attempt %d: %s", number, exc)
+        raise
+    log.debug("token exchange attempt %d: granted for %d s", number, expires_in)
+    return IssuedToken(token, token_type, expires_in, requested_at, requested_at_wall, 0.0)
+
+
+def unavailable(settings: Settings, what: str, number: int) -> TokenEndpointUnavailableError:
+    """A connection-level failure, named by class only: the HTTP libraries' own messages can
+    contain the full URL and are not ours to vouch for."""
+    log.warning("token exchange attempt %d %s", number, what)
+    return TokenEndpointUnavailableError(f"token request to {settings.base_url} {what}")

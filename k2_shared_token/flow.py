@@ -16,7 +16,7 @@ hold-off (the *local fallback*).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -351,16 +351,38 @@ def _refresh_shared(
     return outcome.snapshot
 
 
+def _advance(flow: Flow[T], result: Any, error: K2TokenError | None) -> tuple[bool, Any]:
+    """Send a result (or throw an error) into the flow: ``(True, value)`` when it returned,
+    ``(False, effect)`` when it asks for more I/O."""
+    try:
+        return False, (flow.throw(error) if error is not None else flow.send(result))
+    except StopIteration as stop:
+        return True, stop.value
+
+
 def drive(flow: Flow[T], handle: Callable[[Effect[Any]], Any]) -> T:
     """Run a flow with blocking I/O: perform each effect, send back its result or error."""
     result: Any = None
     error: K2TokenError | None = None
     while True:
+        done, value = _advance(flow, result, error)
+        if done:
+            return value  # type: ignore[no-any-return]
         try:
-            effect = flow.throw(error) if error is not None else flow.send(result)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+            result, error = handle(value), None
+        except K2TokenError as exc:
+            result, error = None, exc
+
+
+async def adrive(flow: Flow[T], handle: Callable[[Effect[Any]], Awaitable[Any]]) -> T:
+    """Run a flow with awaited I/O: the asyncio counterpart of :func:`drive`."""
+    result: Any = None
+    error: K2TokenError | None = None
+    while True:
+        done, value = _advance(flow, result, error)
+        if done:
+            return value  # type: ignore[no-any-return]
         try:
-            result, error = handle(effect), None
+            result, error = await handle(value), None
         except K2TokenError as exc:
             result, error = None, exc

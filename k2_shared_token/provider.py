@@ -19,10 +19,12 @@ import os
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis as redis_lib
 import requests
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -36,6 +38,9 @@ from .freshness import Held, Snapshot
 from .provider_core import DEFAULT_REDIS_URL, ProviderCore
 from .singleflight import SingleFlight
 from .store import RedisStore
+
+if TYPE_CHECKING:
+    from .httpx_auth import K2HttpxAuth
 
 __all__ = ["DEFAULT_REDIS_URL", "SharedTokenProvider", "redis_client"]
 
@@ -52,7 +57,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def redis_client(url: str, timeout: float) -> Any:
+def redis_client(url: str, timeout: float, *, asyncio: bool = False) -> Any:
     """A redis-py client with short timeouts, one immediate retry and a one-trip handshake.
 
     The retry survives a connection Redis dropped (a restart, an idle timeout); more retries
@@ -61,12 +66,14 @@ def redis_client(url: str, timeout: float) -> Any:
     notification probe, two CLIENT SETINFO) costs four round trips per new connection, which a
     cold fleet opening hundreds of connections at once pays all together.
     """
-    return redis_lib.Redis.from_url(
+    cls: Any = AsyncRedis if asyncio else redis_lib.Redis
+    retry_cls: Any = AsyncRetry if asyncio else Retry
+    return cls.from_url(
         url,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         health_check_interval=30,
-        retry=Retry(NoBackoff(), 1),
+        retry=retry_cls(NoBackoff(), 1),
         protocol=2,
         **_NO_CLIENT_INFO,
     )
@@ -106,17 +113,10 @@ class SharedTokenProvider(ProviderCore):
     def get(self) -> AccessToken:
         """A token with at least ``min_validity`` seconds left (or, right after an exchange,
         whatever lifetime K2 granted)."""
-        held = self._held
-        if held is not None:
-            now = time.monotonic()
-            if now < held.recheck_at:
-                self._local_hits += 1
-                return held.token
-            if now < held.usable_until:
-                self._local_hits += 1
-                self._background.kick()
-                return held.token
-        return self._get_slow()
+        return self._local_token() or self._get_slow()
+
+    def _kick(self) -> None:
+        self._background.kick()
 
     def get_token(self) -> str:
         return self.get().value
@@ -231,6 +231,12 @@ class SharedTokenProvider(ProviderCore):
         """A requests auth that sends ``Authorization: Bearer ...`` and, on a 401, invalidates
         the token and retries the request once with a fresh one."""
         return K2BearerAuth(self)
+
+    def httpx_auth(self) -> K2HttpxAuth:
+        """The same for an ``httpx.Client`` (needs httpx, the ``asyncio`` extra)."""
+        from .httpx_auth import K2HttpxAuth  # noqa: PLC0415 - httpx is optional
+
+        return K2HttpxAuth(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from . import crypto, flow, metrics
-from .access_token import fingerprint_of
+from .access_token import AccessToken, fingerprint_of
 from .backoff import BackoffPolicy, LocalFailures, credentials_fingerprint
 from .breaker import Breaker
 from .commands import Namespace
@@ -203,6 +203,27 @@ class ProviderCore:
     @property
     def keys(self) -> Keys:
         return self._ops.keys
+
+    # -- the hot path ------------------------------------------------------------------------
+
+    def _local_token(self) -> AccessToken | None:
+        """This process's copy while it is usable (kicking a refresh once it is stale), else
+        None: the slow path. One attribute read and a clock comparison, no lock, no I/O."""
+        held = self._held
+        if held is not None:
+            now = time.monotonic()
+            if now < held.recheck_at:
+                self._local_hits += 1
+                return held.token
+            if now < held.usable_until:
+                self._local_hits += 1
+                self._kick()
+                return held.token
+        return None
+
+    def _kick(self) -> None:
+        """Start a background refresh unless one runs or pauses."""
+        raise NotImplementedError
 
     # -- the flows, as configured ------------------------------------------------------------
 

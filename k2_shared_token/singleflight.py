@@ -6,9 +6,10 @@ and one subscription instead of 32. Followers get the leader's result or its exc
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Generic, TypeVar
@@ -51,3 +52,32 @@ class SingleFlight(Generic[T]):
         finally:
             with self._lock:
                 self._current = None
+
+
+class AsyncSingleFlight(Generic[T]):
+    """The same for asyncio tasks of one event loop: one task asks, the others await it."""
+
+    def __init__(self) -> None:
+        self._current: asyncio.Future[T] | None = None
+
+    async def run(self, call: Callable[[], Awaitable[T]], follower_timeout: float) -> T:
+        future = self._current
+        if future is not None:
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), follower_timeout)
+            except asyncio.TimeoutError:
+                raise TokenUnavailableError(
+                    "no token within wait_timeout: this process's refresh is still running"
+                ) from None
+        future = self._current = asyncio.get_running_loop().create_future()
+        try:
+            result = await call()
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning without followers
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            self._current = None
