@@ -578,3 +578,9 @@ def test_a_provider_refused_by_acl_surfaces_shared_cache_error(
         provider.get()
     assert isinstance(info.value, SharedCacheError)
     assert fake_k2.token_requests == 0
+
+
+def test_readme_quotes_the_minimal_acl_rule() -> None:
+    """The README's ACL rule is the one this file proves minimal; they must not drift apart."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"ACL SETUSER k2app on >password {MINIMAL_ACL_RULE}" in readme
