@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [hot] [stampede] [rollover] [scaling]``.
+"""``python -m benchmarks [--quick] [hot] [stampede] [rollover] [scaling] [namespaces]``.
 
 Runs the selected sections (all by default) one after another, each on its own embedded
 redis-server and fake K2 server, prints their markdown tables and verdicts, and writes one .md
@@ -25,6 +25,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "stampede": ("stampede", "stampede.md"),
     "rollover": ("rollover", "rollover.md"),
     "scaling": ("scaling", "scaling.md"),
+    "namespaces": ("namespaces", "namespaces.md"),
 }
 
 

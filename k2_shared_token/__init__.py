@@ -14,6 +14,7 @@ from .errors import (
     TokenUnavailableError,
 )
 from .provider import SharedTokenProvider
+from .registry import ProviderRegistry
 from .settings import PRODUCTION_URL, SANDBOX_URL
 
 
@@ -23,6 +24,10 @@ def __getattr__(name: str) -> object:
         from .async_provider import AsyncSharedTokenProvider  # noqa: PLC0415
 
         return AsyncSharedTokenProvider
+    if name == "AsyncProviderRegistry":
+        from .registry import AsyncProviderRegistry  # noqa: PLC0415
+
+        return AsyncProviderRegistry
     raise AttributeError(name)
 
 
@@ -30,11 +35,13 @@ __all__ = [
     "PRODUCTION_URL",
     "SANDBOX_URL",
     "AccessToken",
+    "AsyncProviderRegistry",
     "AsyncSharedTokenProvider",
     "ConfigurationError",
     "InvalidCredentialsError",
     "InvalidTokenResponseError",
     "K2TokenError",
+    "ProviderRegistry",
     "SharedCacheError",
     "SharedTokenProvider",
     "TokenEndpointError",
