@@ -82,6 +82,9 @@ class AsyncSharedTokenProvider(ProviderCore):
             return None
 
     async def _obtain(self, seen: Snapshot | None) -> Held:
+        held = self._still_held()
+        if held is not None:
+            return held
         generation = self._generation
         missed = False
 

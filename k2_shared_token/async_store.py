@@ -18,7 +18,7 @@ import redis.asyncio
 from .commands import Call, Namespace
 from .flow import IssuedToken, LockAttempt, WaitOutcome
 from .freshness import Snapshot
-from .store import cache_error
+from .store import REDIS_FAILURES, cache_error
 
 R = TypeVar("R")
 
@@ -33,7 +33,7 @@ class AsyncRedisStore:
     async def run(self, call: Call[R]) -> R:
         try:
             return call.parse(await self._eval(call))
-        except redis.RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise cache_error(call.what, exc) from exc
 
     async def _eval(self, call: Call[Any]) -> Any:
@@ -73,12 +73,12 @@ class AsyncRedisStore:
         pubsub = self.client.pubsub()
         try:
             return await self._wait(pubsub, deadline, min_ttl_ms)
-        except redis.RedisError as exc:
+        except REDIS_FAILURES as exc:
             raise cache_error("wait", exc) from exc
         finally:
             try:
                 await pubsub.aclose()
-            except redis.RedisError as exc:
+            except REDIS_FAILURES as exc:
                 raise cache_error("unsubscribe", exc) from exc
 
     async def _wait(self, pubsub: Any, deadline: float, min_ttl_ms: int) -> WaitOutcome:

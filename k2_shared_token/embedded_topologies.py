@@ -42,12 +42,12 @@ import time
 from collections.abc import Callable, Container, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import redis
 from redis.crc import key_slot
 
 from .embedded_redis import EmbeddedRedis, find_redis_server, free_port
+from .redis_urls import parse_sentinel_url
 
 __all__ = [
     "HOST",
@@ -330,6 +330,12 @@ class EmbeddedCluster:
         """``redis://127.0.0.1:<port>`` of one live node (cluster mode has only db 0)."""
         return f"redis://{HOST}:{self._any_live_port()}"
 
+    @property
+    def cluster_url(self) -> str:
+        """``redis+cluster://`` with every node as a startup node, for ``redis_client()``."""
+        nodes = ",".join(f"{host}:{port}" for host, port in self.startup_nodes)
+        return f"redis+cluster://{nodes}/"
+
     def node_id(self, port: int) -> str:
         return self._ids[port]
 
@@ -608,31 +614,6 @@ class _SentinelProcess(EmbeddedRedis):
         raise RuntimeError(f"redis-sentinel did not start on port {self.port}: {tail}")
 
 
-def parse_sentinel_url(url: str) -> tuple[list[Address], str, int]:
-    """Split ``redis+sentinel://h1:p1,h2:p2/<master name>[/<db>]`` into its parts.
-
-    redis-py has no URL form for Sentinel, so this module defines one (the same shape several
-    other clients use): comma-separated sentinel addresses, then the master name, then an
-    optional database number.
-    """
-    parts = urlsplit(url)
-    if parts.scheme != "redis+sentinel":
-        raise ValueError(f"not a redis+sentinel:// URL: {url!r}")
-    if "@" in parts.netloc:
-        raise ValueError("credentials are not part of this URL form (the launchers use none)")
-    addresses: list[Address] = []
-    for item in parts.netloc.split(","):
-        host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"sentinel address {item!r} is not host:port")
-        addresses.append((host, int(port)))
-    path = [segment for segment in parts.path.split("/") if segment]
-    if not path or len(path) > 2:
-        raise ValueError(f"expected /<master name>[/<db>] in {url!r}")
-    db = int(path[1]) if len(path) == 2 else 0
-    return addresses, path[0], db
-
-
 class EmbeddedSentinel:
     """A primary, one replica and ``sentinels`` Sentinel processes, all on 127.0.0.1.
 
@@ -785,8 +766,9 @@ class EmbeddedSentinel:
     def url(self) -> str:
         """``redis+sentinel://127.0.0.1:p1,127.0.0.1:p2,.../<master_name>/0``.
 
-        redis-py cannot open it directly; split it with :func:`parse_sentinel_url` and pass
-        the parts to ``redis.sentinel.Sentinel(addresses).master_for(name, db=db)``.
+        ``k2_shared_token.provider.redis_client()`` opens it; plain redis-py cannot, so split it
+        with :func:`~k2_shared_token.redis_urls.parse_sentinel_url` and pass the parts to
+        ``redis.sentinel.Sentinel(addresses).master_for(name, db=db)``.
         """
         hosts = ",".join(f"{host}:{port}" for host, port in self.sentinel_addresses)
         return f"redis+sentinel://{hosts}/{self.master_name}/0"

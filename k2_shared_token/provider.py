@@ -36,6 +36,7 @@ from .errors import K2TokenError, SharedCacheError
 from .exchange import ExchangeClient
 from .freshness import Held, Snapshot
 from .provider_core import DEFAULT_REDIS_URL, ProviderCore
+from .redis_clients import topology_client
 from .singleflight import SingleFlight
 from .store import RedisStore
 
@@ -65,18 +66,27 @@ def redis_client(url: str, timeout: float, *, asyncio: bool = False) -> Any:
     RESP2 and no client-info commands: redis-py's default handshake (HELLO 3, a maintenance
     notification probe, two CLIENT SETINFO) costs four round trips per new connection, which a
     cold fleet opening hundreds of connections at once pays all together.
+
+    Besides redis-py's own forms (``redis://``, ``rediss://``, ``unix://``: one server),
+    ``redis+cluster://host:port[,host:port...]/`` builds a ``RedisCluster`` and
+    ``redis+sentinel://host:port[,host:port...]/<primary name>[/<db>]`` a client of the
+    primary the sentinels name (see :mod:`.redis_urls`), with the same options; after a
+    failover they find the new primary by themselves. ``asyncio=True`` builds the
+    ``redis.asyncio`` equivalents.
     """
-    cls: Any = AsyncRedis if asyncio else redis_lib.Redis
-    retry_cls: Any = AsyncRetry if asyncio else Retry
-    return cls.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        health_check_interval=30,
-        retry=retry_cls(NoBackoff(), 1),
-        protocol=2,
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "health_check_interval": 30,
+        "protocol": 2,
         **_NO_CLIENT_INFO,
-    )
+    }
+    retry = (AsyncRetry if asyncio else Retry)(NoBackoff(), 1)
+    client = topology_client(url, retry, options, asyncio=asyncio)
+    if client is None:
+        cls: Any = AsyncRedis if asyncio else redis_lib.Redis
+        client = cls.from_url(url, retry=retry, **options)
+    return client
 
 
 # redis-py 8 takes driver_info=None to skip CLIENT SETINFO; older versions take lib_name=None.
@@ -151,6 +161,9 @@ class SharedTokenProvider(ProviderCore):
             return None
 
     def _obtain(self, seen: Snapshot | None) -> Held:
+        held = self._still_held()
+        if held is not None:
+            return held
         generation = self._generation
         missed = False
 

@@ -250,6 +250,12 @@ class ProviderCore:
             held_fresh=held is not None and held.is_fresh(time.monotonic()),
         )
 
+    def _still_held(self) -> Held | None:
+        """The copy another thread or task obtained while this one queued for the single
+        flight: taking it saves an exchange (the fallback, which has no Redis to re-read)."""
+        held = self._held
+        return held if held is not None and held.is_usable(time.monotonic()) else None
+
     def _obtained(self, snap: Snapshot, generation: int, missed: bool) -> Held:
         if not missed:
             self._metrics.record(metrics.SHARED_HIT)
@@ -261,8 +267,12 @@ class ProviderCore:
         """A background refresh ended with ``snap``; the pause before the next one may run."""
         if snap is None:
             # Nothing newer (the winner announced nothing, or Redis is skipped and our copy is
-            # still fresh): look again after a short pause rather than at every call.
-            return self._windows.retry_interval(lifetime)
+            # still fresh): look again after a short pause rather than at every call; during a
+            # Redis outage, no later than the breaker's next probe, so sharing resumes promptly.
+            pause = self._windows.retry_interval(lifetime)
+            if self._breaker.is_open:
+                pause = min(pause, self.settings.redis_cooldown)
+            return pause
         self._adopt(self._windows.hold(snap), generation, shared=snap.stored.fence > 0)
         return 0.0
 

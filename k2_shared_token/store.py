@@ -69,8 +69,11 @@ class PipelinedRead:
 
     @classmethod
     def for_client(cls, client: Any, keys: Keys) -> PipelinedRead | None:
+        # The type first: a lazily built cluster client would connect on any attribute read.
+        if not isinstance(client, redis.Redis):
+            return None
         pool = getattr(client, "connection_pool", None)
-        if not isinstance(client, redis.Redis) or not isinstance(pool, redis.ConnectionPool):
+        if not isinstance(pool, redis.ConnectionPool):
             return None
         return cls(pool, keys)
 
@@ -101,10 +104,15 @@ class PipelinedRead:
             return b"!wrongtype"
 
 
+# A cluster client's own failures (no reachable node while it re-reads the slot map, a slot
+# no node serves) are not RedisErrors; to a caller they are Redis failing like any other.
+REDIS_FAILURES = (redis.RedisError, redis.exceptions.RedisClusterException)
+
+
 def guard(what: str, call: Callable[[], T]) -> T:
     try:
         return call()
-    except redis.RedisError as exc:
+    except REDIS_FAILURES as exc:
         raise cache_error(what, exc) from exc
 
 
@@ -182,7 +190,8 @@ class RedisStore:
     def wait(self, timeout: float, min_ttl_ms: int) -> WaitOutcome:
         """Subscribe, re-read, then block on the channel until an announcement or ``timeout``."""
         deadline = time.monotonic() + timeout
-        pubsub = self.client.pubsub()
+        # Inside the guard: a cluster client built lazily may meet Redis here for the first time.
+        pubsub = guard("wait", self.client.pubsub)
         try:
             return guard("wait", lambda: self._wait(pubsub, deadline, min_ttl_ms))
         finally:
