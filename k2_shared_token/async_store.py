@@ -2,7 +2,7 @@
 
 What is sent and how replies read comes from :class:`commands.Namespace`, so an asyncio worker
 and a blocking one share the token, the lock and the hold-off of one namespace. Only the
-waiting differs; the script cache works as in :class:`.store.LuaScript` (EVAL first, then
+waiting differs; scripts are cached as in :func:`.store.loaded_scripts` (EVAL first, then
 EVALSHA with one fallback after a Redis restart).
 """
 
@@ -18,7 +18,7 @@ import redis.asyncio
 from .commands import Call, Namespace
 from .flow import IssuedToken, LockAttempt, WaitOutcome
 from .freshness import Snapshot
-from .store import REDIS_FAILURES, cache_error
+from .store import REDIS_FAILURES, cache_error, loaded_scripts
 
 R = TypeVar("R")
 
@@ -28,7 +28,7 @@ class AsyncRedisStore:
         self.client = client
         self.ops = ops
         self.keys = ops.keys
-        self._cached: set[str] = set()
+        self._cached = loaded_scripts(client)
 
     async def run(self, call: Call[R]) -> R:
         try:

@@ -8,14 +8,13 @@ once per distinct problem, and is overwritten by the next write.
 
 from __future__ import annotations
 
-import hashlib
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis
 
-from . import commands
 from .commands import Call, Namespace
 from .errors import SharedCacheError
 from .flow import IssuedToken, LockAttempt, WaitOutcome
@@ -26,30 +25,23 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-class LuaScript:
-    """A script sent whole on first use, then by its SHA-1.
+_LOADED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
-    redis-py's ``register_script`` starts with EVALSHA and, on the NOSCRIPT error every fresh
-    process gets, loads the script and calls again: three round trips on the cold path, where a
-    stampeding fleet waits for them. EVAL caches the script as it runs it, so the first call
-    costs one round trip; after a Redis restart (empty script cache) one NOSCRIPT costs one more.
+
+def loaded_scripts(client: Any) -> set[str]:
+    """SHA-1s of the scripts this client has run, shared by every store on the client.
+
+    Scripts are sent whole on first use (EVAL), then by SHA (EVALSHA). redis-py's
+    ``register_script`` starts with EVALSHA and, on the NOSCRIPT every fresh process gets, loads
+    the script and calls again: three round trips on the cold path, where a stampeding fleet
+    waits for them; EVAL caches the script as it runs it, so the first call costs one. Keyed by
+    client, so a registry of a thousand namespaces on one client sends each script whole once,
+    not a thousand times. After a Redis restart (empty script cache) one NOSCRIPT costs one more.
     """
-
-    def __init__(self, client: Any, source: str) -> None:
-        self.client = client
-        self.source = source
-        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
-        self._cached = False
-
-    def __call__(self, keys: list[str], args: list[Any] | tuple[Any, ...] = ()) -> Any:
-        if self._cached:
-            try:
-                return self.client.evalsha(self.sha, len(keys), *keys, *args)
-            except redis.exceptions.NoScriptError:
-                pass
-        result = self.client.eval(self.source, len(keys), *keys, *args)
-        self._cached = True
-        return result
+    try:
+        return _LOADED.setdefault(client, set())
+    except TypeError:  # a client that cannot be weakly referenced: a cache of its own
+        return set()
 
 
 class PipelinedRead:
@@ -131,21 +123,22 @@ class RedisStore:
         self.ops = ops
         self.keys = keys = ops.keys
         self.namespace = ops.namespace
-        self._scripts = {
-            script.sha: LuaScript(client, script.source)
-            for script in (
-                commands.READ,
-                commands.TRY_LOCK,
-                commands.PUBLISH,
-                commands.RELEASE,
-                commands.INVALIDATE,
-            )
-        }
+        self._loaded = loaded_scripts(client)
         self._pipelined = PipelinedRead.for_client(client, keys)
 
     def run(self, call: Call[R]) -> R:
-        script = self._scripts[call.script.sha]
-        return call.parse(guard(call.what, lambda: script(call.keys, call.args)))
+        return call.parse(guard(call.what, lambda: self._eval(call)))
+
+    def _eval(self, call: Call[Any]) -> Any:
+        script, keys, args = call.script, call.keys, call.args
+        if script.sha in self._loaded:
+            try:
+                return self.client.evalsha(script.sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                pass
+        result = self.client.eval(script.source, len(keys), *keys, *args)
+        self._loaded.add(script.sha)
+        return result
 
     def read(self) -> Snapshot | None:
         return self._read_with_lock()[0]
