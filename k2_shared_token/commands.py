@@ -76,7 +76,7 @@ def _text(raw: Any) -> str:
 def count(raw: Any) -> int:
     """A counter read back for display; anything that is not one (foreign data) reads as 0."""
     text = _text(raw)
-    return int(text) if text.isdigit() else 0
+    return int(text) if text.isdigit() and len(text) <= 18 else 0
 
 
 class Namespace:
@@ -102,6 +102,13 @@ class Namespace:
 
     def snapshot(self, raw: bytes | str | None, ttl_ms: int) -> Snapshot | None:
         """Decode a raw value, treating anything unreadable or expiring as a miss."""
+        if isinstance(raw, (bytes, str)) and ttl_ms == -1:
+            log.warning(
+                "namespace %s: ignoring unreadable token value (no expiry: not ours); "
+                "it will be overwritten",
+                self.namespace,
+            )
+            return None
         if not isinstance(raw, (bytes, str)) or ttl_ms <= 0:
             return None
         if isinstance(raw, str):  # a client built with decode_responses=True
@@ -152,7 +159,7 @@ class Namespace:
                 lock_ttl_ms=int(number) if outcome == 0 else 0,
                 snapshot=self.snapshot(raw, int(ttl)),
                 owner=owner,
-                streak=int(text) if got and text.isdigit() else 0,
+                streak=count(text) if got else 0,
                 holdoff_code=text if outcome == 3 else None,
                 holdoff_ms=int(number) if outcome == 3 else 0,
             )
@@ -295,10 +302,11 @@ class Namespace:
         if isinstance(owner, (bytes, str)):
             text = owner.decode(errors="replace") if isinstance(owner, bytes) else str(owner)
             host, pid, since_ms, _ = [*text.split(":", 3), "", "", ""][:4]
-            since = int(since_ms) / 1000 if since_ms.isascii() and since_ms.isdigit() else None
+            plausible = since_ms.isascii() and since_ms.isdigit() and len(since_ms) <= 15
+            since = int(since_ms) / 1000 if plausible else None
             out["lock"] = {
                 "host": host,
-                "pid": int(pid) if pid.isascii() and pid.isdigit() else None,
+                "pid": int(pid) if pid.isascii() and pid.isdigit() and len(pid) <= 10 else None,
                 "held_for_seconds": round(now - since, 3) if since else None,
                 "lease_left_seconds": round(int(lock_ttl) / 1000, 3),
             }

@@ -35,6 +35,10 @@ class SealError(ValueError):
 def _key_bytes(key: str | bytes) -> bytes:
     if isinstance(key, bytes) and len(key) == 32:
         return key
+    if not isinstance(key, (str, bytes)):
+        raise ConfigurationError(
+            f"each encryption key must be a str or bytes, not {type(key).__name__}"
+        )
     text = key.decode("ascii", "replace") if isinstance(key, bytes) else key
     try:
         raw = base64.urlsafe_b64decode(text.strip().encode("ascii") + b"==")

@@ -333,22 +333,28 @@ def _refresh_shared(
     local: LocalFailures | None,
 ) -> Flow[Snapshot | None]:
     threshold = windows.lock_threshold_ms(lifetime, fresh=True)
-    lock = yield from perform(TryLock(threshold))
-    if lock.skipped and not _usable(windows, lock.snapshot, clock(), fresh=True):
-        lock = yield from perform(TryLock(-1))  # unreadable to us, whatever Redis thought
-    if lock.acquired:
+    timed_out = False
+    while True:
+        lock = yield from perform(TryLock(threshold, timed_out))
+        if lock.skipped and not _usable(windows, lock.snapshot, clock(), fresh=True):
+            lock = yield from perform(TryLock(-1))  # unreadable to us, whatever Redis thought
+        if lock.acquired:
+            if _usable(windows, lock.snapshot, clock(), fresh=True):
+                yield from perform(Release(lock))
+                return lock.snapshot
+            return (yield from _exchange_and_publish(lock, clock, backoff, local))
         if _usable(windows, lock.snapshot, clock(), fresh=True):
-            yield from perform(Release(lock))
             return lock.snapshot
-        return (yield from _exchange_and_publish(lock, clock, backoff, local))
-    if _usable(windows, lock.snapshot, clock(), fresh=True):
-        return lock.snapshot
-    if lock.holdoff_code is not None:
-        raise _holdoff_error(lock.holdoff_code, lock.holdoff_ms)
-    outcome = yield from perform(Wait(max(lock.lock_ttl_ms, 0) / 1000 + 0.01, threshold))
-    if outcome.error_code is not None:
-        raise _holdoff_error(outcome.error_code, outcome.holdoff_ms)
-    return outcome.snapshot
+        if lock.holdoff_code is not None:
+            raise _holdoff_error(lock.holdoff_code, lock.holdoff_ms)
+        outcome = yield from perform(Wait(max(lock.lock_ttl_ms, 0) / 1000 + 0.01, threshold))
+        if outcome.error_code is not None:
+            raise _holdoff_error(outcome.error_code, outcome.holdoff_ms)
+        if not outcome.timed_out or timed_out:
+            return outcome.snapshot
+        # The holder's lease ran out with nothing announced: it died or stalled. Take over
+        # now, once, rather than leave the refresh to the next caller's pause.
+        timed_out = True
 
 
 def _advance(flow: Flow[T], result: Any, error: K2TokenError | None) -> tuple[bool, Any]:

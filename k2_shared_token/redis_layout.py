@@ -76,9 +76,12 @@ local ours = v and string.match(v, '^%d+:%x+:') ~= nil
 if ours and tonumber(ARGV[3]) >= 0 and ttl > tonumber(ARGV[3]) then return {2, 0, v, ttl, ''} end
 local b = redis.pcall('GET', KEYS[4])
 if type(b) == 'string' then
+  local left = redis.call('PTTL', KEYS[4])
   local code, fp = string.match(b, '^([%w_]+):(%x*)$')
-  if code and (fp == '' or fp == ARGV[4]) then
-    return {3, redis.call('PTTL', KEYS[4]), v, ttl, code}
+  if left < 0 then
+    redis.call('DEL', KEYS[4])  -- our hold-offs always expire: this one is not ours
+  elseif code and (fp == '' or fp == ARGV[4]) then
+    return {3, left, v, ttl, code}
   end
 end
 -- Our locks always expire: one without a TTL (or of another type) is not ours and would block
@@ -86,10 +89,13 @@ end
 if redis.call('PTTL', KEYS[2]) == -1 then redis.call('DEL', KEYS[2]) end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local fence = redis.pcall('INCR', KEYS[3])
-  if type(fence) ~= 'number' then
+  if type(fence) ~= 'number' or fence < 1 then
     redis.call('SET', KEYS[3], 1)
     fence = 1
   end
+  -- Ours never expires: a foreign TTL would void our publish. SET drops it (no extra command
+  -- for the ACL rule to allow).
+  if redis.call('PTTL', KEYS[3]) >= 0 then redis.call('SET', KEYS[3], fence) end
   local streak = redis.pcall('GET', KEYS[5])
   if type(streak) ~= 'string' then streak = '0' end
   return {1, fence, v, ttl, streak}

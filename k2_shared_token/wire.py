@@ -41,6 +41,7 @@ _REJECTED = {
 # RFC 6750 b64token: what a bearer token may look like on the wire (ASCII only).
 _BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _RETRY_AFTER_SECONDS = re.compile(r"[0-9]{1,9}")
+_SHOWN_MEDIA_TYPES = {"application/json", "text/html", "text/plain", "application/xml"}
 MAX_EXPIRES_IN = 10 * 366 * 86400  # anything longer is not a K2 reply we understand
 # OAuth error codes we name in messages; anything else in that field is not repeated, since a
 # reply can put arbitrary text (an echoed credential, say) where the code should be.
@@ -113,7 +114,8 @@ def parse_token_reply(status: int, headers: Mapping[str, str], body: bytes) -> t
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
-        kind = headers.get("content-type", "unknown content type").split(";")[0][:40]
+        media = headers.get("content-type", "").split(";")[0].strip().lower()
+        kind = media if media in _SHOWN_MEDIA_TYPES else "another content type"
         raise InvalidTokenResponseError(
             f"token endpoint answered 200 with a body that is not JSON ({kind}, {len(body)} bytes)",
             status=status,

@@ -632,3 +632,30 @@ def test_hold_instants_are_ordered(
     assert windows.lock_threshold_ms(lifetime, fresh=True) >= windows.lock_threshold_ms(
         lifetime, fresh=False
     )
+
+
+def test_refresh_takes_over_once_when_the_holders_lease_runs_out_unannounced() -> None:
+    """A holder that died or stalled mid-refresh: the loser takes the lock over at lease end
+    (a takeover the driver counts), instead of leaving the refresh to a later pause."""
+    stale = snap(200)
+    script = Script(
+        (TryLock, lost(lock_ttl_ms=2000, snapshot=stale)),
+        (Wait, WaitOutcome(None, timed_out=True)),
+        (TryLock, won(snapshot=stale)),
+        (Exchange, ISSUED),
+        (Publish, PUBLISHED),
+    )
+    assert drive(refresh(WINDOWS, 3600, Clock()), script) is PUBLISHED
+    assert script.seen[2] == TryLock(300_000, after_timeout=True)
+
+
+def test_refresh_takes_over_at_most_once() -> None:
+    stale = snap(200)
+    script = Script(
+        (TryLock, lost(lock_ttl_ms=2000, snapshot=stale)),
+        (Wait, WaitOutcome(None, timed_out=True)),
+        (TryLock, lost(lock_ttl_ms=2000, snapshot=stale)),  # someone else was quicker
+        (Wait, WaitOutcome(None, timed_out=True)),
+    )
+    assert drive(refresh(WINDOWS, 3600, Clock()), script) is None
+    assert script.finished()

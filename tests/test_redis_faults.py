@@ -1,0 +1,407 @@
+"""Redis outages (circuit breaker, local fallback) and lock safety, against a real redis-server.
+
+Redis goes away for real: the server is SIGKILLed, or a loopback proxy black-holes its port (TCP
+still connects, nothing answers, only a timeout ends the wait). Whether Redis was touched is read
+from counters (the provider's ``redis_error``, the proxy's accepted connections), never from
+timings. Cooldowns and cache ages are not waited out: :class:`ShiftedClock` moves the library's
+monotonic clock. Lock ownership is read from Redis itself, through keyspace notifications: a
+lock whose life ends in ``del`` was given back by its owner, one that ends in ``expired`` was not.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+
+from k2_shared_token import (
+    AccessToken,
+    SharedCacheError,
+    SharedTokenProvider,
+    TokenEndpointUnavailableError,
+)
+from k2_shared_token.codec import decode
+from k2_shared_token.embedded_redis import EmbeddedRedis
+from k2_shared_token.fake_server import FakeK2Server, Fault
+from k2_shared_token.flow import IssuedToken
+
+from .conftest import CLIENT_SECRET
+from .faultkit import KeyEvents, ShiftedClock, assert_no_leak, stored_bytes, warnings_with
+from .netproxy import TcpProxy
+
+Make = Callable[..., SharedTokenProvider]
+
+COOLDOWN = 30.0  # long enough that no test run outlasts it: only ShiftedClock ends it
+LOCAL_MAX_AGE = 40.0
+PAST_BOTH = max(COOLDOWN, LOCAL_MAX_AGE) + 5
+OUTAGE = "Redis unavailable"
+RECOVERY = "Redis answers again"
+
+
+def issued_tokens(fake_k2: FakeK2Server) -> list[str]:
+    return [record.token for record in fake_k2.issued]
+
+
+def count(records: list[logging.LogRecord], fragment: str) -> int:
+    return len(warnings_with(records, fragment))
+
+
+@pytest.fixture
+def proxy(redis_server: EmbeddedRedis) -> Iterator[TcpProxy]:
+    with TcpProxy(redis_server.port) as p:
+        yield p
+
+
+# -- 1. circuit breaker and local fallback --------------------------------------------------
+
+
+@pytest.mark.parametrize("local_cache", [True, False])
+def test_killed_redis_falls_back_to_local_tokens_and_is_skipped_for_the_cooldown(
+    make_provider: Make,
+    redis_server: EmbeddedRedis,
+    fake_k2: FakeK2Server,
+    all_logs: pytest.LogCaptureFixture,
+    local_cache: bool,
+) -> None:
+    """A crash of Redis costs one failed call; then the process lives on its own tokens, keeps
+    each one (no exchange per call, even without ``local_cache``), leaves Redis alone for the
+    whole cooldown, and logs the outage once."""
+    provider = make_provider(
+        local_cache=local_cache, redis_cooldown=COOLDOWN, local_max_age=LOCAL_MAX_AGE
+    )
+    redis_server.kill()
+
+    current = provider.get()
+    assert fake_k2.is_valid(current.value)
+    assert provider.stats()["redis_error"] == 1
+    assert provider.stats()["fallback"] == 1
+    seen = [current.value]
+    for _ in range(5):
+        for _ in range(20):
+            assert provider.get() == current  # kept: one exchange per token, not per call
+        # Redis down: invalidate() drops the local copy only, and does not raise.
+        assert provider.invalidate(current) is False
+        current = provider.get()
+        assert current.value not in seen
+        seen.append(current.value)
+    assert fake_k2.exchanges == 6
+    assert provider.stats()["fallback"] == 6
+    assert provider.stats()["redis_error"] == 1, "Redis was tried again inside the cooldown"
+    assert count(all_logs.records, OUTAGE) == 1
+    assert count(all_logs.records, RECOVERY) == 0
+    assert_no_leak(
+        secret=CLIENT_SECRET,
+        tokens=issued_tokens(fake_k2),
+        logs=all_logs.records,
+        objects=[provider, current],
+    )
+
+
+@pytest.mark.parametrize("local_cache", [True, False])
+def test_after_redis_returns_and_the_cooldown_ends_the_token_is_shared_again(
+    make_provider: Make,
+    redis_server: EmbeddedRedis,
+    redis_client: redis.Redis,
+    fake_k2: FakeK2Server,
+    all_logs: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    local_cache: bool,
+) -> None:
+    """Recovery is automatic: the next look at Redis after the cooldown finds it, the process
+    publishes a token again, and a second worker uses that one instead of exchanging."""
+    clock = ShiftedClock(monkeypatch)
+    provider = make_provider(
+        local_cache=local_cache, redis_cooldown=COOLDOWN, local_max_age=LOCAL_MAX_AGE
+    )
+    redis_server.kill()
+    local = provider.get()
+    assert provider.stats()["fallback"] == 1
+
+    redis_server.start()  # same port, empty: a crashed Redis without persistence
+    clock.advance(PAST_BOTH)
+    assert provider.get() == local  # still served at once; the re-check runs in the background
+    assert provider._background.join(5)
+
+    shared = provider.get()
+    assert shared.value != local.value
+    assert decode(stored_bytes(redis_client, provider.keys.token)).value == shared.value
+    other = make_provider()
+    assert other.get().value == shared.value
+    assert fake_k2.exchanges == 2
+    assert provider.stats()["redis_error"] == 1
+    assert count(all_logs.records, OUTAGE) == 1
+    assert count(all_logs.records, RECOVERY) == 1
+    assert_no_leak(
+        secret=CLIENT_SECRET,
+        tokens=issued_tokens(fake_k2),
+        logs=all_logs.records,
+        objects=[provider, shared, local],
+        client=redis_client,
+    )
+
+    redis_server.kill()  # a second outage is a second warning, not a silent one
+    assert provider.invalidate(shared) is False
+    assert provider.get() != shared
+    assert count(all_logs.records, OUTAGE) == 2
+    assert count(all_logs.records, RECOVERY) == 1
+
+
+def test_a_black_holed_redis_is_timed_out_once_then_not_connected_to_until_it_heals(
+    make_provider: Make,
+    proxy: TcpProxy,
+    redis_client: redis.Redis,
+    fake_k2: FakeK2Server,
+    all_logs: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A partition is the expensive outage (each try costs the socket timeout): the breaker must
+    keep the process off the partitioned port for the whole cooldown, whatever it is asked."""
+    clock = ShiftedClock(monkeypatch)
+    provider = make_provider(
+        redis=f"redis://127.0.0.1:{proxy.port}/0",
+        redis_timeout=0.5,  # the healed probe goes through the proxy's loop: leave it room
+        redis_cooldown=COOLDOWN,
+        local_max_age=LOCAL_MAX_AGE,
+    )
+    proxy.blackhole()
+    current = provider.get()
+    assert provider.stats()["redis_error"] == 1
+    connections = proxy.accepted
+    assert connections >= 1  # it did try, and TCP did connect: only the timeout ended it
+    for _ in range(5):
+        assert provider.invalidate(current) is False
+        current = provider.get()
+    assert proxy.accepted == connections, "Redis was dialled again inside the cooldown"
+    assert provider.stats()["redis_error"] == 1
+    assert fake_k2.exchanges == 6
+
+    proxy.forward()
+    clock.advance(PAST_BOTH)
+    provider.get()
+    assert provider._background.join(5)
+    shared = provider.get()
+    assert decode(stored_bytes(redis_client, provider.keys.token)).value == shared.value
+    assert make_provider().get().value == shared.value
+    assert count(all_logs.records, OUTAGE) == 1
+    assert count(all_logs.records, RECOVERY) == 1
+    assert_no_leak(
+        secret=CLIENT_SECRET,
+        tokens=issued_tokens(fake_k2),
+        logs=all_logs.records,
+        objects=[provider, shared],
+        client=redis_client,
+    )
+
+
+def test_invalidate_at_the_start_of_an_outage_drops_the_local_copy_without_raising(
+    make_provider: Make,
+    redis_server: EmbeddedRedis,
+    fake_k2: FakeK2Server,
+    all_logs: pytest.LogCaptureFixture,
+) -> None:
+    """A 401 seen just as Redis dies must not turn into an exception in the caller's request."""
+    provider = make_provider(redis_cooldown=COOLDOWN)
+    token = provider.get()
+    redis_server.kill()
+    assert provider.invalidate(token) is False
+    replacement = provider.get()
+    assert replacement != token
+    assert fake_k2.is_valid(replacement.value)
+    assert provider.stats()["redis_error"] == 1
+    assert count(all_logs.records, OUTAGE) == 1
+    assert_no_leak(
+        secret=CLIENT_SECRET,
+        tokens=issued_tokens(fake_k2),
+        logs=all_logs.records,
+        objects=[provider, token, replacement],
+    )
+
+
+@pytest.mark.parametrize("local_cache", [True, False])
+def test_raise_mode_raises_shared_cache_error_then_fails_fast_for_the_cooldown(
+    make_provider: Make,
+    redis_server: EmbeddedRedis,
+    fake_k2: FakeK2Server,
+    all_logs: pytest.LogCaptureFixture,
+    local_cache: bool,
+) -> None:
+    """``on_redis_error="raise"``: the package's own error, never redis-py's, and during the
+    cooldown it comes at once instead of after another timeout; nothing is exchanged."""
+    provider = make_provider(
+        on_redis_error="raise", local_cache=local_cache, redis_cooldown=COOLDOWN
+    )
+    redis_server.kill()
+    errors: list[BaseException] = []
+    for _ in range(10):
+        with pytest.raises(SharedCacheError) as info:
+            provider.get()
+        assert type(info.value) is SharedCacheError
+        assert not isinstance(info.value, redis.RedisError)
+        errors.append(info.value)
+    with pytest.raises(SharedCacheError) as info:
+        provider.invalidate("some-token-that-was-refused")
+    errors.append(info.value)
+    assert provider.stats()["redis_error"] == 1, "Redis was tried again inside the cooldown"
+    assert fake_k2.token_requests == 0
+    outage = warnings_with(all_logs.records, OUTAGE)
+    assert len(outage) == 1
+    assert "token requests fail meanwhile" in outage[0]
+    assert_no_leak(secret=CLIENT_SECRET, logs=all_logs.records, errors=errors)
+
+
+def test_raise_mode_does_not_dial_a_black_holed_redis_during_the_cooldown(
+    make_provider: Make,
+    proxy: TcpProxy,
+    fake_k2: FakeK2Server,
+    all_logs: pytest.LogCaptureFixture,
+) -> None:
+    provider = make_provider(
+        redis=f"redis://127.0.0.1:{proxy.port}/0",
+        on_redis_error="raise",
+        redis_timeout=0.2,
+        redis_cooldown=COOLDOWN,
+    )
+    proxy.blackhole()
+    errors: list[BaseException] = []
+    with pytest.raises(SharedCacheError) as info:
+        provider.get()
+    errors.append(info.value)
+    connections = proxy.accepted
+    for _ in range(10):
+        with pytest.raises(SharedCacheError, match="circuit open") as info:
+            provider.get()
+        errors.append(info.value)
+    assert proxy.accepted == connections
+    assert provider.stats()["redis_error"] == 1
+    assert fake_k2.token_requests == 0
+    assert_no_leak(secret=CLIENT_SECRET, logs=all_logs.records, errors=errors)
+
+
+# -- 3. lock safety -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("read_timeout", [0.5, 10.0])
+def test_an_exchange_stuck_in_a_slow_endpoint_gives_the_lock_back_inside_its_lease(
+    make_provider: Make,
+    fake_k2: FakeK2Server,
+    redis_client: redis.Redis,
+    all_logs: pytest.LogCaptureFixture,
+    read_timeout: float,
+) -> None:
+    """With a 2 s lease, retries against an endpoint slower than the read timeout must still
+    end in time for the holder to release its own lock and record the fleet's hold-off: both
+    scripts act only for the lock's owner, so a late holder would leave neither trace."""
+    fake_k2.inject(*[Fault.slow(8)] * 10)
+    provider = make_provider(lock_lease=2, read_timeout=read_timeout, max_attempts=10)
+    keys = provider.keys
+    events = KeyEvents(redis_client, keys.lock)
+    try:
+        with pytest.raises(TokenEndpointUnavailableError) as info:
+            provider.get()
+        assert events.until(b"del", b"expired")[-1] == b"del", "the lease ran out first"
+    finally:
+        events.close()
+    assert redis_client.exists(keys.lock) == 0
+    assert redis_client.get(keys.backoff) == b"unavailable:"
+    assert redis_client.get(keys.failures) == b"1"
+    if read_timeout < 1:
+        assert fake_k2.token_requests >= 2  # it did retry inside the lease
+    assert not warnings_with(all_logs.records, "newer lock holder")
+    assert not warnings_with(all_logs.records, "took over")
+    assert_no_leak(
+        secret=CLIENT_SECRET, logs=all_logs.records, errors=[info.value], client=redis_client
+    )
+
+
+def test_a_holder_that_needed_a_retry_publishes_while_it_still_owns_the_lock(
+    make_provider: Make,
+    fake_k2: FakeK2Server,
+    redis_client: redis.Redis,
+    all_logs: pytest.LogCaptureFixture,
+) -> None:
+    fake_k2.inject(Fault.slow(8))
+    provider = make_provider(lock_lease=2, read_timeout=0.5, max_attempts=4)
+    keys = provider.keys
+    events = KeyEvents(redis_client, keys.lock)
+    try:
+        token = provider.get_token()
+        assert events.until(b"del", b"expired")[-1] == b"del", "the lease ran out first"
+    finally:
+        events.close()
+    assert fake_k2.token_requests == 2
+    stored = decode(stored_bytes(redis_client, keys.token))
+    assert stored.value == token
+    assert stored.fence == int(stored_bytes(redis_client, keys.fence))
+    assert not warnings_with(all_logs.records, "newer lock holder")
+    assert_no_leak(
+        secret=CLIENT_SECRET,
+        tokens=issued_tokens(fake_k2),
+        logs=all_logs.records,
+        client=redis_client,
+    )
+
+
+def test_a_holder_whose_lease_ran_out_cannot_overwrite_a_newer_token_or_free_a_newer_lock(
+    make_provider: Make,
+    fake_k2: FakeK2Server,
+    redis_client: redis.Redis,
+    all_logs: pytest.LogCaptureFixture,
+) -> None:
+    """A process paused past its lease (GC, a stopped VM) wakes up believing it holds the lock.
+    Its publish must not replace the newer token nor wake waiters with its own; its release
+    must not free the newer holder's lock nor set a hold-off for the fleet."""
+    stale, fresh = make_provider(lock_lease=2), make_provider(lock_lease=2)
+    keys = stale.keys
+    old_lock = stale._store.try_lock(-1)
+    assert old_lock.acquired
+    events = KeyEvents(redis_client, keys.lock)
+    try:
+        redis_client.pexpire(keys.lock, 1)  # the lease runs out: Redis itself expires the lock
+        events.until(b"expired")
+    finally:
+        events.close()
+
+    newest = fresh.get_token()  # a new holder takes the lock, exchanges and publishes
+    assert decode(stored_bytes(redis_client, keys.token)).fence == old_lock.fence + 1
+
+    stale_token = "stale-holder-token-" + "x" * 24
+    issued = IssuedToken(stale_token, "Bearer", 3600, time.monotonic(), time.time(), 0.0)
+    listener = redis_client.pubsub()
+    listener.subscribe(keys.channel)
+    assert listener.get_message(timeout=5) is not None  # the subscribe confirmation
+    try:
+        stale._store.publish(old_lock, issued)
+        assert decode(stored_bytes(redis_client, keys.token)).value == newest
+
+        newer_lock = fresh._store.try_lock(-1)  # and now another holder is at work
+        assert newer_lock.acquired
+        stale._store.publish(old_lock, issued)
+        stale._store.release(old_lock, "unavailable", 30_000, False)
+        assert redis_client.get(keys.lock) == newer_lock.owner.encode()
+        assert redis_client.exists(keys.backoff, keys.failures) == 0
+        assert decode(stored_bytes(redis_client, keys.token)).value == newest
+
+        # Pub/sub is ordered: a marker sent now arrives after anything the stale holder sent.
+        redis_client.publish(keys.channel, b"marker")
+        message = listener.get_message(timeout=5)
+        while message is not None and message["type"] != "message":
+            message = listener.get_message(timeout=5)
+        assert message is not None
+        assert message["data"] == b"marker", "the stale holder announced something"
+    finally:
+        listener.close()
+
+    fresh._store.release(newer_lock, "")
+    assert redis_client.exists(keys.lock) == 0  # its owner, and only its owner, frees it
+    assert len(warnings_with(all_logs.records, "newer lock holder")) == 2
+    assert fresh.get_token() == newest
+    assert_no_leak(
+        secret=CLIENT_SECRET,
+        tokens=[*issued_tokens(fake_k2), stale_token],
+        logs=all_logs.records,
+        objects=[AccessToken(newest, "Bearer", 0.0)],
+        client=redis_client,
+    )
