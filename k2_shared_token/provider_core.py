@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from . import crypto, flow, metrics
@@ -293,10 +294,17 @@ class ProviderCore:
         """Keep ``held`` as this process's copy, unless an invalidation happened meanwhile.
 
         Without ``local_cache`` only a token Redis does not have (the fallback's own) is kept:
-        otherwise an outage would cost an exchange per call.
+        otherwise an outage would cost an exchange per call. The fallback's token is re-checked
+        against Redis every ``redis_cooldown`` (in the background), so the process shares again
+        soon after Redis answers, not only when its own token grows stale.
         """
-        if generation == self._generation:
-            self._held = held if self.settings.local_cache or not shared else None
+        if generation != self._generation:
+            return
+        if not shared:
+            probe_at = time.monotonic() + self.settings.redis_cooldown
+            self._held = replace(held, recheck_at=min(held.recheck_at, probe_at))
+        else:
+            self._held = held if self.settings.local_cache else None
 
     def _forget(self, value: str) -> None:
         """Drop this process's copy if it is ``value`` (a 401 or an invalidate)."""
