@@ -9,6 +9,7 @@ EVALSHA with one fallback after a Redis restart).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any, TypeVar
 
@@ -32,9 +33,14 @@ class AsyncRedisStore:
 
     async def run(self, call: Call[R]) -> R:
         try:
-            return call.parse(await self._eval(call))
+            reply = await self._eval(call)
         except REDIS_FAILURES as exc:
+            self.ops.unanswered(call)
             raise cache_error(call.what, exc) from exc
+        for cleanup in self.ops.cleanups():
+            with contextlib.suppress(*REDIS_FAILURES):
+                await self._eval(cleanup)
+        return call.parse(reply)
 
     async def _eval(self, call: Call[Any]) -> Any:
         script, keys, args = call.script, call.keys, call.args

@@ -99,6 +99,9 @@ class Namespace:
         self.credentials = credentials
         self.cipher = cipher
         self._last_decoded: tuple[bytes, codec.StoredToken] | None = None
+        # Owners of lock attempts whose reply never came: Redis may still run them (a healed
+        # partition delivers what it held back) and hold the lock a lease long for nobody.
+        self._unanswered: list[str] = []
 
     def snapshot(self, raw: bytes | str | None, ttl_ms: int) -> Snapshot | None:
         """Decode a raw value, treating anything unreadable or expiring as a miss."""
@@ -213,14 +216,28 @@ class Namespace:
         holdoff = ""
         if error_code and holdoff_ms > 0:
             holdoff = f"{error_code}:{self.credentials if credentials else ''}"
+        return self._release(lock.owner, message, holdoff, holdoff_ms)
+
+    def _release(self, owner: str, message: str, holdoff: str, holdoff_ms: int) -> Call[bool]:
         k = self.keys
         return Call(
             "release",
             RELEASE,
             [k.lock, k.backoff, k.failures],
-            [lock.owner, k.channel, message, holdoff, max(holdoff_ms, 1)],
+            [owner, k.channel, message, holdoff, max(holdoff_ms, 1)],
             bool,
         )
+
+    def unanswered(self, call: Call[Any]) -> None:
+        """A call failed without a reply; if it was a lock attempt, release it later."""
+        if call.script is TRY_LOCK:
+            self._unanswered = [*self._unanswered[-7:], call.args[0]]
+
+    def cleanups(self) -> list[Call[bool]]:
+        """Owner-only releases of unanswered lock attempts, for the store to send once Redis
+        answers again: an orphaned lock would otherwise make the fleet wait out its lease."""
+        owners, self._unanswered = self._unanswered, []
+        return [self._release(owner, "", "", 0) for owner in owners]
 
     def invalidate(self, token: str) -> Call[bool]:
         return Call("invalidate", INVALIDATE, [self.keys.token], [codec.digest(token)], bool)

@@ -8,6 +8,7 @@ once per distinct problem, and is overwritten by the next write.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from collections.abc import Callable
@@ -127,7 +128,15 @@ class RedisStore:
         self._pipelined = PipelinedRead.for_client(client, keys)
 
     def run(self, call: Call[R]) -> R:
-        return call.parse(guard(call.what, lambda: self._eval(call)))
+        try:
+            reply = self._eval(call)
+        except REDIS_FAILURES as exc:
+            self.ops.unanswered(call)
+            raise cache_error(call.what, exc) from exc
+        for cleanup in self.ops.cleanups():
+            with contextlib.suppress(*REDIS_FAILURES):
+                self._eval(cleanup)
+        return call.parse(reply)
 
     def _eval(self, call: Call[Any]) -> Any:
         script, keys, args = call.script, call.keys, call.args

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -405,3 +406,27 @@ def test_a_holder_whose_lease_ran_out_cannot_overwrite_a_newer_token_or_free_a_n
         objects=[AccessToken(newest, "Bearer", 0.0)],
         client=redis_client,
     )
+
+
+def test_a_lock_attempt_whose_reply_was_lost_is_released_once_redis_answers(
+    make_provider: Make, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis ran the lock attempt but the reply never came back (a timeout, a partition that
+    healed and delivered it late): Redis holds the lock for a worker that gave up. Without a
+    release the fleet would wait out its lease."""
+    provider = make_provider()
+    client = provider._store.client
+    real_eval = client.eval
+
+    def ran_but_reply_lost(*args: Any) -> Any:
+        real_eval(*args)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(client, "eval", ran_but_reply_lost)
+    with pytest.raises(SharedCacheError):
+        provider._store.try_lock(-1)
+    monkeypatch.setattr(client, "eval", real_eval)
+    lock = provider.keys.lock
+    assert redis_client.pttl(lock) > 1000  # an orphan with most of its lease ahead
+    assert provider._store.invalidate("no-such-token") is False  # the next answered call
+    assert redis_client.get(lock) is None
