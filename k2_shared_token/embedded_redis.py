@@ -73,8 +73,11 @@ class EmbeddedRedis:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
-    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
-        args = [
+    # What marks the server ready in its log; a Sentinel subclass waits for another line.
+    READY = _READY
+
+    def _command(self) -> list[str]:
+        return [
             self.binary,
             "--bind",
             "127.0.0.1",
@@ -94,8 +97,13 @@ class EmbeddedRedis:
             "yes",
             *self.extra_args,
         ]
+
+    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         self.process = subprocess.Popen(  # noqa: S603 - our own binary, fixed arguments
-            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            self._command(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         assert self.process.stdout is not None
         deadline = time.monotonic() + timeout
@@ -105,7 +113,7 @@ class EmbeddedRedis:
             if not line:
                 break
             seen.append(line)
-            if _READY in line:
+            if self.READY in line:
                 # Keep draining the log so a chatty server never blocks on a full pipe.
                 self._drain()
                 return self

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
-import subprocess
 import time
 from collections.abc import Callable, Container, Iterable
 from pathlib import Path
@@ -579,9 +578,9 @@ class EmbeddedCluster:
 class _SentinelProcess(EmbeddedRedis):
     """``redis-server <sentinel.conf> --sentinel`` on 127.0.0.1, in its own temp dir.
 
-    Local stand-in for two small hooks :class:`EmbeddedRedis` lacks: Sentinel needs a config
-    file as the *first* argument (it rewrites that file with what it learns), and it never logs
-    ``Ready to accept connections``; the last line of its startup is the ``+monitor`` event.
+    Sentinel needs a config file as the *first* argument (it rewrites that file with what it
+    learns), and it never logs ``Ready to accept connections``; the last line of its startup is
+    the ``+monitor`` event.
     """
 
     READY = b"+monitor master"
@@ -593,25 +592,8 @@ class _SentinelProcess(EmbeddedRedis):
         # Written once: a restart keeps whatever Sentinel has rewritten into it since.
         self.config_path.write_text("\n".join(lines) + "\n")
 
-    def start(self, timeout: float = 10.0) -> _SentinelProcess:
-        args = [self.binary, str(self.config_path), "--sentinel"]
-        self.process = subprocess.Popen(  # noqa: S603 - our own binary, fixed arguments
-            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + timeout
-        seen: list[bytes] = []
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            if self.READY in line:
-                self._drain()
-                return self
-        self.stop()
-        tail = b"".join(seen[-5:]).decode(errors="replace")
-        raise RuntimeError(f"redis-sentinel did not start on port {self.port}: {tail}")
+    def _command(self) -> list[str]:
+        return [self.binary, str(self.config_path), "--sentinel"]
 
 
 class EmbeddedSentinel:

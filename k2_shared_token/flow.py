@@ -142,11 +142,6 @@ def _usable(windows: Windows, snap: Snapshot | None, now: float, *, fresh: bool)
     return held.is_fresh(now) if fresh else held.is_usable(now)
 
 
-def _alive(snap: Snapshot | None, now: float) -> bool:
-    """Not yet expired at all: below ``min_validity``, but better than an error."""
-    return snap is not None and now < snap.seen_at + snap.ttl_ms / 1000
-
-
 def _lifetime(snap: Snapshot | None) -> float | None:
     return None if snap is None else snap.stored.lifetime
 
@@ -182,7 +177,7 @@ def _exchange_and_publish(
 
 
 def _local(
-    seen: Snapshot | None, clock: Callable[[], float], backoff: BackoffPolicy, local: LocalFailures
+    clock: Callable[[], float], backoff: BackoffPolicy, local: LocalFailures
 ) -> Flow[Snapshot]:
     """Without Redis: exchange in this process, under the same hold-off policy kept locally."""
     local.check(clock())
@@ -193,6 +188,38 @@ def _local(
         raise
     local.succeeded()
     return own_snapshot(issued, 0, clock())
+
+
+def _through_redis(
+    shared: bool, local: LocalFailures | None, run: Callable[[], Flow[T]]
+) -> Flow[tuple[bool, T | None]]:
+    """``(True, result)`` of the flow ``run()`` makes against Redis, or ``(False, None)`` when
+    the caller must carry on without Redis: skipped (``shared=False``) or failing, with a
+    fallback (``local``) to carry on with. Without one, the Redis failure propagates."""
+    if shared:
+        try:
+            return True, (yield from run())
+        except SharedCacheError:
+            if local is None:
+                raise
+    if local is None:
+        raise SharedCacheError("Redis is skipped and the local fallback is off")
+    return False, None
+
+
+class _Sighting:
+    """The newest token a flow has seen, kept across the flow's failure: handed out instead of
+    the error while it has not expired."""
+
+    def __init__(self, snapshot: Snapshot | None) -> None:
+        self.snapshot = snapshot
+
+    def saw(self, snapshot: Snapshot | None) -> None:
+        self.snapshot = snapshot or self.snapshot
+
+    def alive(self, now: float) -> Snapshot | None:
+        snap = self.snapshot
+        return snap if snap is not None and now < snap.seen_at + snap.ttl_ms / 1000 else None
 
 
 def obtain(
@@ -212,35 +239,38 @@ def obtain(
     this caller tries to take the lock over. Gives up with :class:`TokenUnavailableError` at
     ``deadline``; a failure the holder reports, or a hold-off the fleet is in, is raised here
     too, so a fleet does not hammer the endpoint after, say, ``invalid_client``. Whatever the
-    failure, a token that has not expired yet is handed out instead of an error.
+    failure (but Redis's without a fallback), a token that has not expired yet is handed out
+    instead of an error: below ``min_validity``, but better than an error.
 
     ``local`` (a process's own hold-off memory) turns on the fallback: when Redis fails, the
     flow carries on without it. ``shared=False`` goes there directly (the circuit is open).
     """
-    if shared:
-        try:
-            return (
-                yield from _obtain_shared(
-                    windows, seen, deadline, clock, backoff=backoff, local=local
-                )
-            )
-        except SharedCacheError:
-            if local is None:
-                raise
-    if local is None:
-        raise SharedCacheError("Redis is skipped and the local fallback is off")
+    sighting = _Sighting(seen)
     try:
-        return (yield from _local(seen, clock, backoff, local))
-    except K2TokenError:
-        if _alive(seen, clock()):
-            assert seen is not None
-            return seen
+        done, snap = yield from _through_redis(
+            shared,
+            local,
+            lambda: _obtain_shared(
+                windows, sighting, deadline, clock, backoff=backoff, local=local
+            ),
+        )
+        if done:
+            assert snap is not None
+            return snap
+        assert local is not None
+        return (yield from _local(clock, backoff, local))
+    except SharedCacheError:
         raise
+    except K2TokenError:
+        alive = sighting.alive(clock())
+        if alive is None:
+            raise
+        return alive
 
 
 def _obtain_shared(
     windows: Windows,
-    seen: Snapshot | None,
+    sighting: _Sighting,
     deadline: float,
     clock: Callable[[], float],
     *,
@@ -248,46 +278,39 @@ def _obtain_shared(
     local: LocalFailures | None,
 ) -> Flow[Snapshot]:
     force = timed_out = False
-    try:
-        while True:
-            threshold = -1 if force else windows.lock_threshold_ms(_lifetime(seen), fresh=False)
-            lock = yield from perform(TryLock(threshold, timed_out))
-            seen = lock.snapshot or seen
-            if _usable(windows, lock.snapshot, clock(), fresh=False):
-                if lock.acquired:
-                    yield from perform(Release(lock))
-                assert lock.snapshot is not None
-                return lock.snapshot
+    while True:
+        lifetime = _lifetime(sighting.snapshot)
+        threshold = -1 if force else windows.lock_threshold_ms(lifetime, fresh=False)
+        lock = yield from perform(TryLock(threshold, timed_out))
+        sighting.saw(lock.snapshot)
+        if _usable(windows, lock.snapshot, clock(), fresh=False):
             if lock.acquired:
-                return (yield from _exchange_and_publish(lock, clock, backoff, local))
-            if lock.holdoff_code is not None:
-                raise _holdoff_error(lock.holdoff_code, lock.holdoff_ms)
-            if lock.skipped:
-                # Redis judged the value good but we cannot use it (unreadable, or its lifetime
-                # shrinks our windows): take the lock regardless on the next attempt.
-                force = True
-                continue
-            remaining = deadline - clock()
-            if remaining <= 0:
-                raise TokenUnavailableError(
-                    "no token within wait_timeout: another worker holds the refresh lock"
-                )
-            wake_by = min(remaining, max(lock.lock_ttl_ms, 0) / 1000 + 0.01)
-            outcome = yield from perform(Wait(wake_by, threshold))
-            if outcome.error_code is not None:
-                raise _holdoff_error(outcome.error_code, outcome.holdoff_ms)
-            if _usable(windows, outcome.snapshot, clock(), fresh=False):
-                assert outcome.snapshot is not None
-                return outcome.snapshot
-            seen = outcome.snapshot or seen
-            timed_out = outcome.timed_out
-    except SharedCacheError:
-        raise
-    except K2TokenError:
-        if _alive(seen, clock()):
-            assert seen is not None
-            return seen
-        raise
+                yield from perform(Release(lock))
+            assert lock.snapshot is not None
+            return lock.snapshot
+        if lock.acquired:
+            return (yield from _exchange_and_publish(lock, clock, backoff, local))
+        if lock.holdoff_code is not None:
+            raise _holdoff_error(lock.holdoff_code, lock.holdoff_ms)
+        if lock.skipped:
+            # Redis judged the value good but we cannot use it (unreadable, or its lifetime
+            # shrinks our windows): take the lock regardless on the next attempt.
+            force = True
+            continue
+        remaining = deadline - clock()
+        if remaining <= 0:
+            raise TokenUnavailableError(
+                "no token within wait_timeout: another worker holds the refresh lock"
+            )
+        wake_by = min(remaining, max(lock.lock_ttl_ms, 0) / 1000 + 0.01)
+        outcome = yield from perform(Wait(wake_by, threshold))
+        if outcome.error_code is not None:
+            raise _holdoff_error(outcome.error_code, outcome.holdoff_ms)
+        if _usable(windows, outcome.snapshot, clock(), fresh=False):
+            assert outcome.snapshot is not None
+            return outcome.snapshot
+        sighting.saw(outcome.snapshot)
+        timed_out = outcome.timed_out
 
 
 def refresh(
@@ -309,19 +332,15 @@ def refresh(
     given and Redis failing, or ``shared=False``), this process exchanges for itself, unless
     its token is still fresh (``held_fresh``: the refresh was only a re-check against Redis).
     """
-    if shared:
-        try:
-            return (
-                yield from _refresh_shared(windows, lifetime, clock, backoff=backoff, local=local)
-            )
-        except SharedCacheError:
-            if local is None:
-                raise
-    if local is None:
-        raise SharedCacheError("Redis is skipped and the local fallback is off")
-    if held_fresh:
-        return None
-    return (yield from _local(None, clock, backoff, local))
+    done, snap = yield from _through_redis(
+        shared,
+        local,
+        lambda: _refresh_shared(windows, lifetime, clock, backoff=backoff, local=local),
+    )
+    if done or held_fresh:
+        return snap
+    assert local is not None
+    return (yield from _local(clock, backoff, local))
 
 
 def _refresh_shared(
