@@ -120,20 +120,9 @@ class AsyncSharedTokenProvider(ProviderCore):
     async def _do(self, effect: flow.Effect[Any]) -> Any:
         """Perform one effect of the core with awaited I/O."""
         started = time.monotonic()
+        via_redis, call = self._io(effect)
         try:
-            match effect:
-                case flow.Exchange():
-                    result: Any = await self._exchange.fetch()
-                case flow.TryLock(min_ttl_ms=min_ttl_ms):
-                    result = await self._redis(self._store.try_lock(min_ttl_ms))
-                case flow.Publish(lock=lock, issued=issued):
-                    result = await self._redis(self._store.publish(lock, issued))
-                case flow.Release(lock=lock, error_code=code, holdoff_ms=ms, credentials=creds):
-                    result = await self._redis(self._store.release(lock, code, ms, creds))
-                case flow.Wait(timeout=timeout, min_ttl_ms=min_ttl_ms):
-                    result = await self._redis(self._store.wait(timeout, min_ttl_ms))
-                case _:  # pragma: no cover
-                    raise TypeError(f"unknown effect {effect!r}")
+            result = await (self._redis(call()) if via_redis else call())
         except K2TokenError:
             self._effect_failed(effect, started)
             raise

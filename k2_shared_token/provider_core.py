@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -362,7 +362,27 @@ class ProviderCore:
                 outage,
             )
 
-    # -- effects: the bookkeeping around the I/O ---------------------------------------------
+    # -- effects: the I/O, and the bookkeeping around it --------------------------------------
+
+    _store: Any  # a RedisStore or an AsyncRedisStore: same methods, blocking or awaitable
+    _exchange: Any  # an ExchangeClient or an AsyncExchangeClient: fetch()
+
+    def _io(self, effect: flow.Effect[Any]) -> tuple[bool, Callable[[], Any]]:
+        """What performs ``effect``: (whether it talks to Redis, the call; awaitable for the
+        asyncio provider's store and exchange client)."""
+        store = self._store
+        match effect:
+            case flow.Exchange():
+                return False, self._exchange.fetch
+            case flow.TryLock(min_ttl_ms=min_ttl_ms):
+                return True, lambda: store.try_lock(min_ttl_ms)
+            case flow.Publish(lock=lock, issued=issued):
+                return True, lambda: store.publish(lock, issued)
+            case flow.Release(lock=lock, error_code=code, holdoff_ms=ms, credentials=creds):
+                return True, lambda: store.release(lock, code, ms, creds)
+            case flow.Wait(timeout=timeout, min_ttl_ms=min_ttl_ms):
+                return True, lambda: store.wait(timeout, min_ttl_ms)
+        raise TypeError(f"unknown effect {effect!r}")  # pragma: no cover
 
     def _after_effect(self, effect: flow.Effect[Any], result: Any, started: float) -> None:
         """Metrics and logs of one performed effect (``started``: monotonic, before it)."""
