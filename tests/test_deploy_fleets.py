@@ -32,7 +32,7 @@ from k2_shared_token import SharedTokenProvider
 from k2_shared_token.embedded_redis import EmbeddedRedis, free_port
 from k2_shared_token.fake_server import FakeK2Server
 
-from .conftest import provider_kwargs
+from .conftest import provider_kwargs, wait_until
 from .deploy_helpers import (
     CLOSE,
     PERIOD,
@@ -46,7 +46,6 @@ from .deploy_helpers import (
     live_children,
     log_tail,
     stop_processes,
-    wait_until,
 )
 
 pytestmark = pytest.mark.fleet

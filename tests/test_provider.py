@@ -32,7 +32,7 @@ from k2_shared_token.fake_server import (
     Fault,
 )
 
-from .conftest import CLIENT_SECRET, command_calls, provider_kwargs
+from .conftest import CLIENT_SECRET, command_calls, provider_kwargs, wait_until
 
 Make = Callable[..., SharedTokenProvider]
 
@@ -437,10 +437,10 @@ def test_waiters_are_told_when_the_holder_fails_and_do_not_ask_again(
     second = threading.Thread(target=ask, args=(waiter,))
     second.start()
     # The waiter is subscribed once its re-read happened; give it the announcement.
-    deadline = time.monotonic() + 5
     client = redis.Redis.from_url(redis_server.url)
-    while not client.pubsub_numsub(waiter.keys.channel)[0][1] and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(
+        lambda: bool(client.pubsub_numsub(waiter.keys.channel)[0][1]), 5, "the waiter to subscribe"
+    )
     fake_k2.resume_tokens()
     first.join(10)
     second.join(10)

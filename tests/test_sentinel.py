@@ -26,7 +26,7 @@ from k2_shared_token.provider import redis_client
 from k2_shared_token.redis_clients import AsyncSentinelPrimary, SentinelPrimary
 from k2_shared_token.redis_urls import parse_sentinel_url
 
-from .conftest import provider_kwargs
+from .conftest import provider_kwargs, wait_until
 from .topology_support import Fleet, async_shares_with_sync, recover, summary
 
 PROCESSES, THREADS = 4, 4
@@ -127,10 +127,8 @@ def test_closing_the_provider_closes_its_sentinel_connections(
     opened = clients() - before  # the provider's (and the listing's own, gone once read)
     assert opened
     provider.close()
-    deadline = time.monotonic() + 5
-    while clients() & opened:
-        assert time.monotonic() < deadline, "sentinel connections left open"
-        time.sleep(0.02)  # the server notices a closed socket on its next event loop turn
+    # The server notices a closed socket on its next event-loop turn.
+    wait_until(lambda: not clients() & opened, 5, "the sentinel connections to close")
 
 
 def test_a_master_for_client_works_as_well_as_the_url(
