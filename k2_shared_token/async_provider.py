@@ -25,7 +25,6 @@ from .background import AsyncBackgroundRefresh
 from .errors import K2TokenError, SharedCacheError
 from .freshness import Held, Snapshot
 from .httpx_auth import K2HttpxAuth
-from .provider import redis_client
 from .provider_core import ProviderCore
 from .singleflight import AsyncSingleFlight
 
@@ -37,8 +36,7 @@ class AsyncSharedTokenProvider(ProviderCore):
     (inside or outside a running loop; connections open on first use) and ``await`` its
     methods. ``session``, if given, is an ``httpx.AsyncClient`` for the exchange."""
 
-    def _client_from_url(self, url: str, timeout: float) -> Any:
-        return redis_client(url, timeout, asyncio=True)
+    _asyncio = True
 
     def _connect(self, client: Any, session: Any) -> None:
         self._store = AsyncRedisStore(client, self._ops)

@@ -28,7 +28,8 @@ from .errors import (
     K2TokenError,
     SharedCacheError,
 )
-from .provider import DEFAULT_REDIS_URL, SharedTokenProvider, redis_client
+from .provider import DEFAULT_REDIS_URL, SharedTokenProvider
+from .redis_clients import redis_client
 from .redis_layout import Keys
 from .settings import SANDBOX_URL, namespace_for, normalise_base_url
 from .store import RedisStore

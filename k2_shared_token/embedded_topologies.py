@@ -748,8 +748,8 @@ class EmbeddedSentinel:
     def url(self) -> str:
         """``redis+sentinel://127.0.0.1:p1,127.0.0.1:p2,.../<master_name>/0``.
 
-        ``k2_shared_token.provider.redis_client()`` opens it; plain redis-py cannot, so split it
-        with :func:`~k2_shared_token.redis_urls.parse_sentinel_url` and pass the parts to
+        ``k2_shared_token.redis_clients.redis_client()`` opens it; plain redis-py cannot, so
+        split it with :func:`~k2_shared_token.redis_urls.parse_sentinel_url` and pass the parts to
         ``redis.sentinel.Sentinel(addresses).master_for(name, db=db)``.
         """
         hosts = ",".join(f"{host}:{port}" for host, port in self.sentinel_addresses)

@@ -14,19 +14,13 @@ refresh window; a 401 seen through :meth:`auth` or an :meth:`invalidate` drops i
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import redis as redis_lib
 import requests
-from redis.asyncio import Redis as AsyncRedis
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from . import flow, metrics
 from .access_token import AccessToken
@@ -36,7 +30,7 @@ from .errors import K2TokenError, SharedCacheError
 from .exchange import ExchangeClient
 from .freshness import Held, Snapshot
 from .provider_core import DEFAULT_REDIS_URL, ProviderCore
-from .redis_clients import topology_client
+from .redis_clients import redis_client
 from .singleflight import SingleFlight
 from .store import RedisStore
 
@@ -58,46 +52,6 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def redis_client(url: str, timeout: float, *, asyncio: bool = False) -> Any:
-    """A redis-py client with short timeouts, one immediate retry and a one-trip handshake.
-
-    The retry survives a connection Redis dropped (a restart, an idle timeout); more retries
-    with backoff, redis-py's default, would turn a partition into seconds of stall per call.
-    RESP2 and no client-info commands: redis-py's default handshake (HELLO 3, a maintenance
-    notification probe, two CLIENT SETINFO) costs four round trips per new connection, which a
-    cold fleet opening hundreds of connections at once pays all together.
-
-    Besides redis-py's own forms (``redis://``, ``rediss://``, ``unix://``: one server),
-    ``redis+cluster://host:port[,host:port...]/`` builds a ``RedisCluster`` and
-    ``redis+sentinel://host:port[,host:port...]/<primary name>[/<db>]`` a client of the
-    primary the sentinels name (see :mod:`.redis_urls`), with the same options; after a
-    failover they find the new primary by themselves. ``asyncio=True`` builds the
-    ``redis.asyncio`` equivalents.
-    """
-    options: dict[str, Any] = {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        "health_check_interval": 30,
-        "protocol": 2,
-        **_NO_CLIENT_INFO,
-    }
-    retry = (AsyncRetry if asyncio else Retry)(NoBackoff(), 1)
-    client = topology_client(url, retry, options, asyncio=asyncio)
-    if client is None:
-        cls: Any = AsyncRedis if asyncio else redis_lib.Redis
-        client = cls.from_url(url, retry=retry, **options)
-    return client
-
-
-# redis-py 8 takes driver_info=None to skip CLIENT SETINFO; older versions take lib_name=None.
-_NO_CLIENT_INFO: dict[str, None] = (
-    {"driver_info": None}
-    if "driver_info"
-    in inspect.signature(redis_lib.connection.AbstractConnection.__init__).parameters
-    else {"lib_name": None, "lib_version": None}
-)
-
-
 class SharedTokenProvider(ProviderCore):
     """One K2 access token, shared by every process that uses the same Redis and credentials.
 
@@ -105,9 +59,6 @@ class SharedTokenProvider(ProviderCore):
     :meth:`get_token` before each K2 request, or use :meth:`auth` with a requests session. The
     keyword arguments are :class:`.ProviderCore`'s (the README lists them).
     """
-
-    def _client_from_url(self, url: str, timeout: float) -> Any:
-        return redis_client(url, timeout)
 
     def _connect(self, client: Any, session: Any) -> None:
         self._store = RedisStore(client, self._ops)

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from . import crypto, flow, metrics
 from .access_token import AccessToken, fingerprint_of
@@ -25,6 +25,7 @@ from .commands import Namespace
 from .errors import ConfigurationError, K2TokenError, SharedCacheError
 from .freshness import Held, Snapshot, Windows
 from .metrics import Hook, Metrics
+from .redis_clients import connect
 from .redis_layout import Keys
 from .settings import SANDBOX_URL, Settings
 
@@ -38,7 +39,7 @@ P = TypeVar("P", bound="ProviderCore")
 class ProviderCore:
     """Shared state and decisions; subclasses add the I/O (a store, an exchange client)."""
 
-    _owns_redis: bool
+    _asyncio: ClassVar[bool] = False  # redis.asyncio clients for a URL
 
     def __init__(
         self,
@@ -95,7 +96,7 @@ class ProviderCore:
             failure_backoff=failure_backoff,
             failure_backoff_max=failure_backoff_max,
         )
-        client = self._redis_client(redis)
+        client, self._owns_redis = connect(redis, s.redis_timeout, asyncio=self._asyncio)
         keys = Keys.for_namespace(s.key_prefix, s.namespace)
         encryption_keys = list(encryption_keys)
         self._ops = Namespace(
@@ -118,25 +119,7 @@ class ProviderCore:
         self._metrics = Metrics(s.namespace, hooks)
         self._connect(client, session)
 
-    def _redis_client(self, redis: str | Any) -> Any:
-        if isinstance(redis, str):
-            if not redis.strip():
-                raise ConfigurationError("redis must be a Redis URL or a redis-py client")
-            try:
-                client = self._client_from_url(redis, self.settings.redis_timeout)
-            except ValueError as exc:
-                raise ConfigurationError(f"redis URL is not valid: {exc}") from None
-            self._owns_redis = True
-            return client
-        if redis is None or not hasattr(redis, "register_script"):
-            raise ConfigurationError("redis must be a Redis URL or a redis-py client")
-        self._owns_redis = False
-        return redis
-
     # -- what a subclass provides ------------------------------------------------------------
-
-    def _client_from_url(self, url: str, timeout: float) -> Any:
-        raise NotImplementedError
 
     def _connect(self, client: Any, session: Any) -> None:
         """Build the store and the exchange client around ``client``."""

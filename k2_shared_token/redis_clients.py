@@ -1,8 +1,8 @@
-"""redis-py clients for the ``redis+cluster://`` and ``redis+sentinel://`` URL forms.
+"""The redis-py clients a provider makes from a URL, for every form we accept.
 
-:func:`k2_shared_token.provider.redis_client` decides the connection options (short timeouts,
-RESP2, no client-info handshake, a one-retry budget); this module only knows how each topology
-takes them, because the two redis-py families disagree:
+:func:`redis_client` decides the connection options (short timeouts, RESP2, no client-info
+handshake, a one-retry budget) once; the ``redis+cluster://`` and ``redis+sentinel://`` forms
+then differ only in how each topology takes them, because the two redis-py families disagree:
 
 * ``RedisCluster`` refuses ``retry`` among the per-node options: its own ``retry`` only counts
   how often a command is re-routed after the slot map is re-read (a connection error or
@@ -18,6 +18,7 @@ takes them, because the two redis-py families disagree:
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -26,10 +27,14 @@ import redis
 import redis.asyncio
 from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from .errors import ConfigurationError
 from .redis_urls import (
     CLUSTER_SCHEME,
     SENTINEL_SCHEME,
@@ -39,7 +44,68 @@ from .redis_urls import (
     scheme_of,
 )
 
-__all__ = ["LazyCluster", "cluster_client", "sentinel_client", "topology_client"]
+__all__ = [
+    "LazyCluster",
+    "cluster_client",
+    "connect",
+    "redis_client",
+    "sentinel_client",
+    "topology_client",
+]
+
+
+def redis_client(url: str, timeout: float, *, asyncio: bool = False) -> Any:
+    """A redis-py client with short timeouts, one immediate retry and a one-trip handshake.
+
+    The retry survives a connection Redis dropped (a restart, an idle timeout); more retries
+    with backoff, redis-py's default, would turn a partition into seconds of stall per call.
+    RESP2 and no client-info commands: redis-py's default handshake (HELLO 3, a maintenance
+    notification probe, two CLIENT SETINFO) costs four round trips per new connection, which a
+    cold fleet opening hundreds of connections at once pays all together.
+
+    Besides redis-py's own forms (``redis://``, ``rediss://``, ``unix://``: one server),
+    ``redis+cluster://host:port[,host:port...]/`` builds a ``RedisCluster`` and
+    ``redis+sentinel://host:port[,host:port...]/<primary name>[/<db>]`` a client of the
+    primary the sentinels name (see :mod:`.redis_urls`), with the same options; after a
+    failover they find the new primary by themselves. ``asyncio=True`` builds the
+    ``redis.asyncio`` equivalents.
+    """
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "health_check_interval": 30,
+        "protocol": 2,
+        **_NO_CLIENT_INFO,
+    }
+    retry = (AsyncRetry if asyncio else Retry)(NoBackoff(), 1)
+    client = topology_client(url, retry, options, asyncio=asyncio)
+    if client is None:
+        cls: Any = redis.asyncio.Redis if asyncio else redis.Redis
+        client = cls.from_url(url, retry=retry, **options)
+    return client
+
+
+# redis-py 8 takes driver_info=None to skip CLIENT SETINFO; older versions take lib_name=None.
+_NO_CLIENT_INFO: dict[str, None] = (
+    {"driver_info": None}
+    if "driver_info" in inspect.signature(redis.connection.AbstractConnection.__init__).parameters
+    else {"lib_name": None, "lib_version": None}
+)
+
+
+def connect(redis_or_url: str | Any, timeout: float, *, asyncio: bool = False) -> tuple[Any, bool]:
+    """The client for a provider's (or registry's) ``redis`` argument, and whether the caller
+    owns it: a URL makes a client it must close; a client passed in stays the caller's."""
+    if isinstance(redis_or_url, str):
+        if not redis_or_url.strip():
+            raise ConfigurationError("redis must be a Redis URL or a redis-py client")
+        try:
+            return redis_client(redis_or_url, timeout, asyncio=asyncio), True
+        except ValueError as exc:
+            raise ConfigurationError(f"redis URL is not valid: {exc}") from None
+    if redis_or_url is None or not hasattr(redis_or_url, "register_script"):
+        raise ConfigurationError("redis must be a Redis URL or a redis-py client")
+    return redis_or_url, False
 
 
 def topology_client(

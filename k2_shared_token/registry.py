@@ -27,8 +27,9 @@ import weakref
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from .errors import ConfigurationError
-from .provider import SharedTokenProvider, redis_client
+from .provider import SharedTokenProvider
 from .provider_core import DEFAULT_REDIS_URL, ProviderCore
+from .redis_clients import connect
 from .settings import SANDBOX_URL, Settings, namespace_for, normalise_base_url
 
 if TYPE_CHECKING:
@@ -90,23 +91,13 @@ class _Registry(Generic[P]):
             if name in shared:
                 shared[name] = tuple(shared[name])
         self._shared = shared
-        self.client, self._owns_client = self._make_client(redis, settings.redis_timeout)
+        self.client, self._owns_client = connect(
+            redis, settings.redis_timeout, asyncio=self._asyncio
+        )
         self._providers: dict[tuple[str, str], P] = {}
         self._lock = threading.Lock()
         self._closed = False
         _live.add(self)
-
-    def _make_client(self, redis: str | Any, timeout: float) -> tuple[Any, bool]:
-        if isinstance(redis, str):
-            if not redis.strip():
-                raise ConfigurationError("redis must be a Redis URL or a redis-py client")
-            try:
-                return redis_client(redis, timeout, asyncio=self._asyncio), True
-            except ValueError as exc:
-                raise ConfigurationError(f"redis URL is not valid: {exc}") from None
-        if redis is None or not hasattr(redis, "register_script"):
-            raise ConfigurationError("redis must be a Redis URL or a redis-py client")
-        return redis, False
 
     def _provider_class(self) -> type[P]:
         raise NotImplementedError

@@ -25,8 +25,7 @@ from k2_shared_token import ConfigurationError, SharedCacheError, SharedTokenPro
 from k2_shared_token.codec import digest
 from k2_shared_token.embedded_topologies import HOST, EmbeddedCluster, slot_for_key
 from k2_shared_token.fake_server import FakeK2Server
-from k2_shared_token.provider import redis_client
-from k2_shared_token.redis_clients import LazyCluster
+from k2_shared_token.redis_clients import LazyCluster, redis_client
 from k2_shared_token.redis_urls import parse_cluster_url
 
 from .conftest import provider_kwargs, wait_until

@@ -22,8 +22,7 @@ from k2_shared_token import ConfigurationError, SharedTokenProvider
 from k2_shared_token.codec import digest
 from k2_shared_token.embedded_topologies import HOST, EmbeddedSentinel
 from k2_shared_token.fake_server import FakeK2Server
-from k2_shared_token.provider import redis_client
-from k2_shared_token.redis_clients import AsyncSentinelPrimary, SentinelPrimary
+from k2_shared_token.redis_clients import AsyncSentinelPrimary, SentinelPrimary, redis_client
 from k2_shared_token.redis_urls import parse_sentinel_url
 
 from .conftest import provider_kwargs, wait_until
