@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import RESULTS_DIR, RunConfig, SectionResult, load_average
+from benchmarks.common import RESULTS_DIR, RunConfig, SectionResult, load_average
 
 SECTIONS: dict[str, tuple[str, str]] = {
     "hot": ("bench_hot_path", "hot_path.md"),
@@ -40,7 +40,7 @@ def _cpu_model() -> str:
 
 
 def _redis_version() -> str:
-    from k2_shared_token.embedded_redis import find_redis_server  # noqa: PLC0415
+    from k2_shared_token.testing.redis_server import find_redis_server  # noqa: PLC0415
 
     try:
         out = subprocess.run(

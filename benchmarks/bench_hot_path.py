@@ -25,11 +25,7 @@ from typing import Any
 
 import redis
 
-from k2_shared_token import SharedTokenProvider
-from k2_shared_token.embedded_redis import EmbeddedRedis
-from k2_shared_token.fake_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, FakeK2Server
-
-from .common import (
+from benchmarks.common import (
     RESULTS_DIR,
     RunConfig,
     SectionResult,
@@ -39,6 +35,9 @@ from .common import (
     stats_delta,
     unique_prefix,
 )
+from k2_shared_token import SharedTokenProvider
+from k2_shared_token.testing.fake_k2 import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, FakeK2Server
+from k2_shared_token.testing.redis_server import EmbeddedRedis
 
 ROUNDS_FULL, ROUNDS_QUICK = 9, 5
 LOCAL_CALLS_FULL, LOCAL_CALLS_QUICK = 200_000, 50_000
@@ -182,7 +181,7 @@ def _report(
 
 
 def _plot(us: dict[str, float], out_dir: Path) -> list[str]:
-    from .plots import plt  # noqa: PLC0415 - matplotlib only where plots are drawn
+    from benchmarks.plots import plt  # noqa: PLC0415 - matplotlib only where plots are drawn
 
     labels = ["dict + monotonic", "get_token(), L1 on", "raw GET", "get_token(), L1 off"]
     values = [us["dict"], us["l1"], us["get"], us["l1off"]]

@@ -23,7 +23,7 @@ import redis
 import requests
 
 from k2_shared_token import SharedTokenProvider
-from k2_shared_token.fake_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
+from k2_shared_token.testing.fake_k2 import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
 
 LOCK_LEASE = 15  # seconds, the same lease for every contender that takes a lock
 BLOCKING_TIMEOUT = 20  # seconds a redis-py Lock waiter gives up after (the library's wait_timeout)

@@ -1,7 +1,7 @@
 """Namespaces: what 1,000 K2 applications cost one Redis, warmed through one ProviderRegistry.
 
 A multi-tenant service holds one provider per (base URL, client id) in a
-:class:`~k2_shared_token.registry.ProviderRegistry`: one Redis client for all of them. This
+:class:`~k2_shared_token._registry.ProviderRegistry`: one Redis client for all of them. This
 section builds N of them (N client ids on one fake K2 server, one embedded Redis), warms each
 once, one after another, and asks:
 
@@ -36,11 +36,7 @@ from typing import Any
 import redis
 import requests
 
-from k2_shared_token.embedded_redis import EmbeddedRedis
-from k2_shared_token.fake_server import FakeK2Server
-from k2_shared_token.registry import ProviderRegistry
-
-from .common import (
+from benchmarks.common import (
     RESULTS_DIR,
     RunConfig,
     SectionResult,
@@ -50,6 +46,9 @@ from .common import (
     md_table,
     stats_delta,
 )
+from k2_shared_token._registry import ProviderRegistry
+from k2_shared_token.testing.fake_k2 import FakeK2Server
+from k2_shared_token.testing.redis_server import EmbeddedRedis
 
 N_FULL, N_QUICK = 1000, 100
 PRIMER = "bench-ns-primer"

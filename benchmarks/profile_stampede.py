@@ -28,10 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from k2_shared_token.embedded_redis import EmbeddedRedis
-from k2_shared_token.fake_server import FakeK2Server
-
-from .common import (
+from benchmarks.common import (
     CTX,
     RESULTS_DIR,
     collect,
@@ -42,7 +39,9 @@ from .common import (
     unique_prefix,
     wait_for_start,
 )
-from .contenders import Target, build
+from benchmarks.contenders import Target, build
+from k2_shared_token.testing.fake_k2 import FakeK2Server
+from k2_shared_token.testing.redis_server import EmbeddedRedis
 
 THREADS = 4
 LATENCY = 0.100
@@ -60,8 +59,8 @@ def _instrument(events: list[tuple[str, int, float, float]]) -> None:
     """Wrap the functions of interest with timers that append to ``events``."""
     import redis.connection as rc  # noqa: PLC0415
 
-    from k2_shared_token.exchange import ExchangeClient  # noqa: PLC0415
-    from k2_shared_token.store import RedisStore  # noqa: PLC0415
+    from k2_shared_token._k2.exchange import ExchangeClient  # noqa: PLC0415
+    from k2_shared_token._redis.store import RedisStore  # noqa: PLC0415
 
     idents: dict[int, int] = {}
 

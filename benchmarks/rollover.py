@@ -30,11 +30,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
-from k2_shared_token import SharedTokenProvider
-from k2_shared_token.embedded_redis import EmbeddedRedis
-from k2_shared_token.fake_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, FakeK2Server
-
-from .common import (
+from benchmarks.common import (
     CTX,
     LogHistogram,
     RunConfig,
@@ -48,6 +44,9 @@ from .common import (
     unique_prefix,
     wait_for_start,
 )
+from k2_shared_token import SharedTokenProvider
+from k2_shared_token.testing.fake_k2 import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, FakeK2Server
+from k2_shared_token.testing.redis_server import EmbeddedRedis
 
 EXPIRES_IN = 4  # s, token lifetime granted by the fake K2
 REFRESH_AHEAD = 2.0  # s
@@ -411,7 +410,7 @@ def _nearest(t0: float, exchanges: list[float]) -> str:
 def _plot(
     config: RunConfig, reports: list[Report], times: list[float], start: float, duration: float
 ) -> list[str]:
-    from .plots import plt  # noqa: PLC0415 - matplotlib only in the coordinator
+    from benchmarks.plots import plt  # noqa: PLC0415 - matplotlib only in the coordinator
 
     bins = max(len(r.bin_max) for r in reports)
     fleet_max = [max(r.bin_max[i] for r in reports) * 1e3 for i in range(bins)]

@@ -29,11 +29,7 @@ from typing import Any
 
 import redis
 
-from k2_shared_token import SharedTokenProvider
-from k2_shared_token.embedded_redis import EmbeddedRedis
-from k2_shared_token.fake_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, FakeK2Server
-
-from .common import (
+from benchmarks.common import (
     CTX,
     LogHistogram,
     RunConfig,
@@ -49,6 +45,9 @@ from .common import (
     unique_prefix,
     wait_for_start,
 )
+from k2_shared_token import SharedTokenProvider
+from k2_shared_token.testing.fake_k2 import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, FakeK2Server
+from k2_shared_token.testing.redis_server import EmbeddedRedis
 
 THREADS = 4
 PACE = 0.002  # s between calls per thread
@@ -376,7 +375,7 @@ def _breakdown(delta: dict[str, int]) -> str:
 
 
 def _plot(config: RunConfig, steps: list[StepResult], processes: tuple[int, ...]) -> list[str]:
-    from .plots import plt  # noqa: PLC0415 - matplotlib only in the coordinator
+    from benchmarks.plots import plt  # noqa: PLC0415 - matplotlib only in the coordinator
 
     def series(local_cache: bool, steady: bool, gets_only: bool) -> list[float]:
         out = []

@@ -38,10 +38,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from k2_shared_token.embedded_redis import EmbeddedRedis
-from k2_shared_token.fake_server import FakeK2Server
-
-from .common import (
+from benchmarks.common import (
     CTX,
     RunConfig,
     SectionResult,
@@ -55,7 +52,9 @@ from .common import (
     unique_prefix,
     wait_for_start,
 )
-from .contenders import CONTENDERS, Contender, Target, build
+from benchmarks.contenders import CONTENDERS, Contender, Target, build
+from k2_shared_token.testing.fake_k2 import FakeK2Server
+from k2_shared_token.testing.redis_server import EmbeddedRedis
 
 THREADS = 4
 LATENCY = 0.100  # seconds the fake K2 takes per token request
@@ -371,7 +370,7 @@ def _verdicts(cells: dict[tuple[int, str], _Cell], processes: tuple[int, ...]) -
 def _plot(
     cells: dict[tuple[int, str], _Cell], processes: tuple[int, ...], config: RunConfig
 ) -> list[str]:
-    from .plots import plt  # noqa: PLC0415 - matplotlib only in the coordinator
+    from benchmarks.plots import plt  # noqa: PLC0415 - matplotlib only in the coordinator
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     for name in CONTENDERS:

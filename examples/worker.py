@@ -12,7 +12,7 @@ import os
 import time
 
 from k2_shared_token import K2TokenError, SharedTokenProvider
-from k2_shared_token.access_token import fingerprint_of
+from k2_shared_token._core.tokens import fingerprint_of
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 log = logging.getLogger("example.worker")

@@ -1,8 +1,6 @@
 """One Kopo Kopo K2 Connect access token, shared by a fleet of processes through Redis."""
 
-from ._version import __version__
-from .access_token import AccessToken
-from .errors import (
+from ._core.errors import (
     ConfigurationError,
     InvalidCredentialsError,
     InvalidTokenResponseError,
@@ -13,19 +11,21 @@ from .errors import (
     TokenRequestRejectedError,
     TokenUnavailableError,
 )
-from .provider import SharedTokenProvider
-from .registry import ProviderRegistry
-from .settings import PRODUCTION_URL, SANDBOX_URL
+from ._core.settings import PRODUCTION_URL, SANDBOX_URL
+from ._core.tokens import AccessToken
+from ._provider import SharedTokenProvider
+from ._registry import ProviderRegistry
+from ._version import __version__
 
 
 def __getattr__(name: str) -> object:
     # The asyncio provider needs httpx (the 'asyncio' extra): import it only when asked for.
     if name == "AsyncSharedTokenProvider":
-        from .async_provider import AsyncSharedTokenProvider  # noqa: PLC0415
+        from ._async_provider import AsyncSharedTokenProvider  # noqa: PLC0415
 
         return AsyncSharedTokenProvider
     if name == "AsyncProviderRegistry":
-        from .registry import AsyncProviderRegistry  # noqa: PLC0415
+        from ._registry import AsyncProviderRegistry  # noqa: PLC0415
 
         return AsyncProviderRegistry
     raise AttributeError(name)

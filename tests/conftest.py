@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from k2_shared_token import SharedTokenProvider
-from k2_shared_token.embedded_redis import EmbeddedRedis
-from k2_shared_token.fake_server import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, FakeK2Server
+from k2_shared_token.testing.fake_k2 import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, FakeK2Server
+from k2_shared_token.testing.redis_server import EmbeddedRedis
 
 CLIENT_ID = DEFAULT_CLIENT_ID
 CLIENT_SECRET = DEFAULT_CLIENT_SECRET

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import requests
 
-from .conftest import CLIENT_ID, CLIENT_SECRET
+from tests.conftest import CLIENT_ID, CLIENT_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -32,8 +32,8 @@ from typing import Any, NamedTuple
 import requests
 
 from k2_shared_token import AccessToken, SharedTokenProvider
-from k2_shared_token.access_token import fingerprint_of
-from k2_shared_token.metrics import Event
+from k2_shared_token._core.metrics import Event
+from k2_shared_token._core.tokens import fingerprint_of
 
 CTX: SpawnContext = multiprocessing.get_context("spawn")
 

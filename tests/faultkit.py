@@ -20,7 +20,7 @@ import redis
 # Modules whose clock must not move with the provider's: the fake K2 server decides expiry on
 # its own clock (a real server does not care about our clock), and the embedded Redis helpers
 # only wait for a child process.
-_CLOCK_UNTOUCHED = ("k2_shared_token.fake_server", "k2_shared_token.embedded")
+_CLOCK_UNTOUCHED = ("k2_shared_token.testing",)
 
 
 class _ShiftedTime:

@@ -13,11 +13,10 @@ import httpx
 import pytest
 
 from k2_shared_token import AsyncSharedTokenProvider, SharedTokenProvider
-from k2_shared_token.embedded_redis import EmbeddedRedis
-from k2_shared_token.errors import InvalidCredentialsError, SharedCacheError
-from k2_shared_token.fake_server import FakeK2Server
-
-from .conftest import provider_kwargs
+from k2_shared_token._core.errors import InvalidCredentialsError, SharedCacheError
+from k2_shared_token.testing.fake_k2 import FakeK2Server
+from k2_shared_token.testing.redis_server import EmbeddedRedis
+from tests.conftest import provider_kwargs
 
 
 def kwargs(redis_server: EmbeddedRedis, fake_k2: FakeK2Server, **extra: Any) -> dict[str, Any]:

@@ -34,12 +34,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from k2_shared_token import ConfigurationError, K2TokenError, SharedTokenProvider
-from k2_shared_token.codec import decode
-from k2_shared_token.embedded_redis import EmbeddedRedis, free_port
-from k2_shared_token.fake_server import FakeK2Server
-
-from .conftest import CLIENT_ID, CLIENT_SECRET, provider_kwargs
-from .faultkit import (
+from k2_shared_token._redis.codec import decode
+from k2_shared_token.testing.fake_k2 import FakeK2Server
+from k2_shared_token.testing.redis_server import EmbeddedRedis, free_port
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, provider_kwargs
+from tests.faultkit import (
     KeyEvents,
     assert_no_leak,
     capture_logs,
@@ -47,7 +46,7 @@ from .faultkit import (
     stored_bytes,
     warnings_with,
 )
-from .strategies import json_values
+from tests.strategies import json_values
 
 UNREADABLE = "unreadable token value"
 # Bounded: 40 examples each, and while a bug is open only the first one found is shrunk (each

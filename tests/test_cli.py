@@ -12,11 +12,10 @@ import pytest
 import redis
 
 from k2_shared_token import SharedTokenProvider
-from k2_shared_token.cli import main
-from k2_shared_token.embedded_redis import EmbeddedRedis, free_port
-from k2_shared_token.fake_server import FakeK2Server
-
-from .conftest import CLIENT_ID, CLIENT_SECRET
+from k2_shared_token._cli.main import main
+from k2_shared_token.testing.fake_k2 import FakeK2Server
+from k2_shared_token.testing.redis_server import EmbeddedRedis, free_port
+from tests.conftest import CLIENT_ID, CLIENT_SECRET
 
 Make = Callable[..., SharedTokenProvider]
 

@@ -22,14 +22,13 @@ import redis.asyncio.cluster
 from redis.cluster import ClusterNode, RedisCluster
 
 from k2_shared_token import ConfigurationError, SharedCacheError, SharedTokenProvider
-from k2_shared_token.codec import digest
-from k2_shared_token.embedded_topologies import HOST, EmbeddedCluster, slot_for_key
-from k2_shared_token.fake_server import FakeK2Server
-from k2_shared_token.redis_clients import LazyCluster, redis_client
-from k2_shared_token.redis_urls import parse_cluster_url
-
-from .conftest import provider_kwargs, wait_until
-from .topology_support import (
+from k2_shared_token._redis.clients import LazyCluster, redis_client
+from k2_shared_token._redis.codec import digest
+from k2_shared_token._redis.urls import parse_cluster_url
+from k2_shared_token.testing.fake_k2 import FakeK2Server
+from k2_shared_token.testing.topologies import HOST, EmbeddedCluster, slot_for_key
+from tests.conftest import provider_kwargs, wait_until
+from tests.topology_support import (
     Fleet,
     FleetLog,
     Recovery,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from k2_shared_token.codec import (
+from k2_shared_token._redis.codec import (
     MAX_LIFETIME,
     MAX_TOKEN_CHARS,
     Announcement,
@@ -21,8 +21,7 @@ from k2_shared_token.codec import (
     digest,
     encode,
 )
-
-from .strategies import json_values
+from tests.strategies import json_values
 
 TOKEN = "AbC.dEf-123_xyz~+/="
 

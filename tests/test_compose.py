@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from k2_shared_token.cli import build_parser
-from k2_shared_token.provider import SharedTokenProvider
+from k2_shared_token._cli.main import build_parser
+from k2_shared_token._provider import SharedTokenProvider
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
-from k2_shared_token.embedded_redis import EmbeddedRedis
-from k2_shared_token.fake_server import FakeK2Server
-
-from .conftest import CLIENT_ID, CLIENT_SECRET
+from k2_shared_token.testing.fake_k2 import FakeK2Server
+from k2_shared_token.testing.redis_server import EmbeddedRedis
+from tests.conftest import CLIENT_ID, CLIENT_SECRET
 
 pytestmark = pytest.mark.fleet
 

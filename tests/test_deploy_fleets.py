@@ -29,11 +29,10 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from k2_shared_token import SharedTokenProvider
-from k2_shared_token.embedded_redis import EmbeddedRedis, free_port
-from k2_shared_token.fake_server import FakeK2Server
-
-from .conftest import provider_kwargs, wait_until
-from .deploy_helpers import (
+from k2_shared_token.testing.fake_k2 import FakeK2Server
+from k2_shared_token.testing.redis_server import EmbeddedRedis, free_port
+from tests.conftest import provider_kwargs, wait_until
+from tests.deploy_helpers import (
     CLOSE,
     PERIOD,
     ROOT,

@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 import redis
 
-from k2_shared_token import ConfigurationError, SharedTokenProvider, crypto
-from k2_shared_token.codec import decode, encode
-from k2_shared_token.embedded_redis import EmbeddedRedis
-from k2_shared_token.fake_server import FakeK2Server
-
-from .conftest import CLIENT_ID, CLIENT_SECRET, provider_kwargs
-from .faultkit import assert_no_leak, redis_contents, stored_bytes, warnings_with
+from k2_shared_token import ConfigurationError, SharedTokenProvider
+from k2_shared_token._redis import crypto
+from k2_shared_token._redis.codec import decode, encode
+from k2_shared_token.testing.fake_k2 import FakeK2Server
+from k2_shared_token.testing.redis_server import EmbeddedRedis
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, provider_kwargs
+from tests.faultkit import assert_no_leak, redis_contents, stored_bytes, warnings_with
 
 Make = Callable[..., SharedTokenProvider]
 UNREADABLE = "unreadable token value"

@@ -22,8 +22,8 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
-from k2_shared_token import fake_server
-from k2_shared_token.fake_server import (
+from k2_shared_token.testing import fake_k2 as fake_server
+from k2_shared_token.testing.fake_k2 import (
     DEFAULT_CLIENT_ID,
     DEFAULT_CLIENT_SECRET,
     FakeK2Server,

@@ -42,14 +42,14 @@ from typing import Any, NamedTuple
 import pytest
 import redis
 
-from k2_shared_token import SharedTokenProvider, codec, crypto
-from k2_shared_token.access_token import fingerprint_of
-from k2_shared_token.embedded_redis import EmbeddedRedis
-from k2_shared_token.fake_server import FakeK2Server, Fault
-from k2_shared_token.redis_layout import Keys
-
-from .conftest import CLIENT_ID, CLIENT_SECRET
-from .fault_fleet import (
+from k2_shared_token import SharedTokenProvider
+from k2_shared_token._core.tokens import fingerprint_of
+from k2_shared_token._redis import codec, crypto
+from k2_shared_token._redis.layout import Keys
+from k2_shared_token.testing.fake_k2 import FakeK2Server, Fault
+from k2_shared_token.testing.redis_server import EmbeddedRedis
+from tests.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.fault_fleet import (
     ERRORS,
     FALLBACK,
     LAST_TOKEN,
@@ -671,7 +671,7 @@ def fallbacks(reports: list[WorkerReport]) -> int:
 
 def import_tcp_proxy() -> Any:
     """The shared loopback proxy (tests/netproxy.py), written alongside this suite."""
-    from .netproxy import TcpProxy  # noqa: PLC0415 - a sibling module that may be absent
+    from tests.netproxy import TcpProxy  # noqa: PLC0415 - a sibling module that may be absent
 
     return TcpProxy
 
@@ -1027,7 +1027,7 @@ def exchange_attempts(reports: list[WorkerReport]) -> list[list[float]]:
         current: list[float] | None = None
         for line in sorted(report.logs, key=lambda line: line.at):
             match = pattern.search(line.message)
-            if line.logger != "k2_shared_token.exchange" or match is None:
+            if line.logger != "k2_shared_token._k2.exchange" or match is None:
                 continue
             if int(match.group(1)) == 1 or current is None:
                 current = []

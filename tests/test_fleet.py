@@ -11,11 +11,10 @@ import pytest
 import redis
 
 from k2_shared_token import SharedTokenProvider
-from k2_shared_token.embedded_redis import EmbeddedRedis
-from k2_shared_token.fake_server import FakeK2Server
-
-from .conftest import provider_kwargs
-from .fleet import CTX, holder_worker, stampede_worker
+from k2_shared_token.testing.fake_k2 import FakeK2Server
+from k2_shared_token.testing.redis_server import EmbeddedRedis
+from tests.conftest import provider_kwargs
+from tests.fleet import CTX, holder_worker, stampede_worker
 
 pytestmark = pytest.mark.fleet
 

@@ -13,10 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from k2_shared_token.access_token import AccessToken
-from k2_shared_token.backoff import LocalFailures
-from k2_shared_token.codec import StoredToken
-from k2_shared_token.errors import (
+from k2_shared_token._core.backoff import LocalFailures
+from k2_shared_token._core.errors import (
     InvalidCredentialsError,
     InvalidTokenResponseError,
     K2TokenError,
@@ -26,7 +24,7 @@ from k2_shared_token.errors import (
     TokenRequestRejectedError,
     TokenUnavailableError,
 )
-from k2_shared_token.flow import (
+from k2_shared_token._core.flow import (
     Effect,
     Exchange,
     IssuedToken,
@@ -40,7 +38,9 @@ from k2_shared_token.flow import (
     obtain,
     refresh,
 )
-from k2_shared_token.freshness import Held, Snapshot, Windows
+from k2_shared_token._core.tokens import AccessToken
+from k2_shared_token._core.windows import Held, Snapshot, Windows
+from k2_shared_token._redis.codec import StoredToken
 
 WINDOWS = Windows(refresh_ahead=300, min_validity=30, local_max_age=60)
 TOKEN = "old-token-value"

@@ -19,11 +19,10 @@ from k2_shared_token import (
     SharedTokenProvider,
     TokenEndpointUnavailableError,
 )
-from k2_shared_token.codec import decode
-from k2_shared_token.fake_server import FakeK2Server, Fault
-
-from .conftest import CLIENT_SECRET
-from .faultkit import assert_no_leak, stored_bytes, warnings_with
+from k2_shared_token._redis.codec import decode
+from k2_shared_token.testing.fake_k2 import FakeK2Server, Fault
+from tests.conftest import CLIENT_SECRET
+from tests.faultkit import assert_no_leak, stored_bytes, warnings_with
 
 Make = Callable[..., SharedTokenProvider]
 

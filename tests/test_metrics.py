@@ -9,11 +9,10 @@ import redis
 from prometheus_client import CollectorRegistry, generate_latest
 
 from k2_shared_token import SharedTokenProvider
-from k2_shared_token.fake_server import FakeK2Server
-from k2_shared_token.metrics import Event
-from k2_shared_token.prometheus import register
-
-from .conftest import CLIENT_SECRET
+from k2_shared_token._core.metrics import Event
+from k2_shared_token.contrib.prometheus import register
+from k2_shared_token.testing.fake_k2 import FakeK2Server
+from tests.conftest import CLIENT_SECRET
 
 Make = Callable[..., SharedTokenProvider]
 

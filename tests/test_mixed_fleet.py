@@ -16,12 +16,11 @@ import time
 
 import pytest
 
-from k2_shared_token.embedded_redis import EmbeddedRedis
-from k2_shared_token.fake_server import FakeK2Server
-
-from .conftest import provider_kwargs
-from .fleet import CTX
-from .mixed_fleet import Report, async_worker, sync_worker
+from k2_shared_token.testing.fake_k2 import FakeK2Server
+from k2_shared_token.testing.redis_server import EmbeddedRedis
+from tests.conftest import provider_kwargs
+from tests.fleet import CTX
+from tests.mixed_fleet import Report, async_worker, sync_worker
 
 pytestmark = pytest.mark.fleet
 

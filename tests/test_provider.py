@@ -24,15 +24,14 @@ from k2_shared_token import (
     TokenEndpointError,
     TokenUnavailableError,
 )
-from k2_shared_token.codec import decode
-from k2_shared_token.fake_server import (
+from k2_shared_token._redis.codec import decode
+from k2_shared_token.testing.fake_k2 import (
     DEFAULT_CLIENT_ID,
     DEFAULT_CLIENT_SECRET,
     FakeK2Server,
     Fault,
 )
-
-from .conftest import CLIENT_SECRET, command_calls, provider_kwargs, wait_until
+from tests.conftest import CLIENT_SECRET, command_calls, provider_kwargs, wait_until
 
 Make = Callable[..., SharedTokenProvider]
 

@@ -24,14 +24,13 @@ from k2_shared_token import (
     SharedTokenProvider,
     TokenEndpointUnavailableError,
 )
-from k2_shared_token.codec import decode
-from k2_shared_token.embedded_redis import EmbeddedRedis
-from k2_shared_token.fake_server import FakeK2Server, Fault
-from k2_shared_token.flow import IssuedToken
-
-from .conftest import CLIENT_SECRET
-from .faultkit import KeyEvents, ShiftedClock, assert_no_leak, stored_bytes, warnings_with
-from .netproxy import TcpProxy
+from k2_shared_token._core.flow import IssuedToken
+from k2_shared_token._redis.codec import decode
+from k2_shared_token.testing.fake_k2 import FakeK2Server, Fault
+from k2_shared_token.testing.redis_server import EmbeddedRedis
+from tests.conftest import CLIENT_SECRET
+from tests.faultkit import KeyEvents, ShiftedClock, assert_no_leak, stored_bytes, warnings_with
+from tests.netproxy import TcpProxy
 
 Make = Callable[..., SharedTokenProvider]
 

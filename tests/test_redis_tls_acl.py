@@ -40,12 +40,11 @@ from k2_shared_token import (
     SharedCacheError,
     SharedTokenProvider,
 )
-from k2_shared_token.access_token import fingerprint_of
-from k2_shared_token.embedded_redis import EmbeddedRedis
-from k2_shared_token.fake_server import FakeK2Server
-
-from .conftest import CLIENT_SECRET, provider_kwargs
-from .netproxy import TcpProxy
+from k2_shared_token._core.tokens import fingerprint_of
+from k2_shared_token.testing.fake_k2 import FakeK2Server
+from k2_shared_token.testing.redis_server import EmbeddedRedis
+from tests.conftest import CLIENT_SECRET, provider_kwargs
+from tests.netproxy import TcpProxy
 
 MINIMAL_ACL_RULE = (
     "resetchannels ~k2:* &k2:* -@all "
@@ -504,7 +503,7 @@ def test_restricted_user_waiters_hear_of_the_holders_failure(
     assert "message" in probe.kinds
     assert fake_k2.token_requests == 1
     # The holder's exchange client warns about K2's refusal; nothing else may warn.
-    assert_no_redis_trouble(all_logs, "k2_shared_token.exchange")
+    assert_no_redis_trouble(all_logs, "k2_shared_token._k2.exchange")
     assert_no_secrets(all_logs, fake_k2, [holder, waiter], acl_redis.password)
 
 

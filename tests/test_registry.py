@@ -18,12 +18,11 @@ import pytest
 import redis
 import requests
 
-from k2_shared_token.embedded_redis import EmbeddedRedis
-from k2_shared_token.errors import ConfigurationError
-from k2_shared_token.fake_server import FakeK2Server
-from k2_shared_token.registry import AsyncProviderRegistry, ProviderRegistry
-
-from .conftest import CLIENT_ID, CLIENT_SECRET
+from k2_shared_token._core.errors import ConfigurationError
+from k2_shared_token._registry import AsyncProviderRegistry, ProviderRegistry
+from k2_shared_token.testing.fake_k2 import FakeK2Server
+from k2_shared_token.testing.redis_server import EmbeddedRedis
+from tests.conftest import CLIENT_ID, CLIENT_SECRET
 
 CLIENTS = {
     "tenant-a-client-id": "tenant-a-secret-not-for-logs-1",

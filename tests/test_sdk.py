@@ -10,10 +10,9 @@ from k2connect.exceptions import K2Error
 from k2connect.polling_service import PollingService
 
 from k2_shared_token import SharedTokenProvider
-from k2_shared_token.fake_server import FakeK2Server
-from k2_shared_token.sdk import CurrentTokenService, SharedTokens
-
-from .conftest import CLIENT_ID, CLIENT_SECRET
+from k2_shared_token.contrib.sdk import CurrentTokenService, SharedTokens
+from k2_shared_token.testing.fake_k2 import FakeK2Server
+from tests.conftest import CLIENT_ID, CLIENT_SECRET
 
 Make = Callable[..., SharedTokenProvider]
 

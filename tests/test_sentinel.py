@@ -19,14 +19,13 @@ import redis.asyncio.sentinel
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from k2_shared_token import ConfigurationError, SharedTokenProvider
-from k2_shared_token.codec import digest
-from k2_shared_token.embedded_topologies import HOST, EmbeddedSentinel
-from k2_shared_token.fake_server import FakeK2Server
-from k2_shared_token.redis_clients import AsyncSentinelPrimary, SentinelPrimary, redis_client
-from k2_shared_token.redis_urls import parse_sentinel_url
-
-from .conftest import provider_kwargs, wait_until
-from .topology_support import Fleet, async_shares_with_sync, recover, summary
+from k2_shared_token._redis.clients import AsyncSentinelPrimary, SentinelPrimary, redis_client
+from k2_shared_token._redis.codec import digest
+from k2_shared_token._redis.urls import parse_sentinel_url
+from k2_shared_token.testing.fake_k2 import FakeK2Server
+from k2_shared_token.testing.topologies import HOST, EmbeddedSentinel
+from tests.conftest import provider_kwargs, wait_until
+from tests.topology_support import Fleet, async_shares_with_sync, recover, summary
 
 PROCESSES, THREADS = 4, 4
 

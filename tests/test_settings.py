@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from k2_shared_token.errors import ConfigurationError, K2TokenError
-from k2_shared_token.settings import (
+from k2_shared_token._core.errors import ConfigurationError, K2TokenError
+from k2_shared_token._core.settings import (
     PRODUCTION_URL,
     SANDBOX_URL,
     Settings,

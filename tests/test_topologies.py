@@ -17,7 +17,7 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
-from k2_shared_token.embedded_topologies import (
+from k2_shared_token.testing.topologies import (
     HOST,
     SLOT_COUNT,
     EmbeddedCluster,
@@ -27,8 +27,7 @@ from k2_shared_token.embedded_topologies import (
     parse_sentinel_url,
     slot_for_key,
 )
-
-from .conftest import wait_until
+from tests.conftest import wait_until
 
 TAG = "{abc}"
 

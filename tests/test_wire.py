@@ -14,17 +14,16 @@ from hypothesis import strategies as st
 from requests.structures import CaseInsensitiveDict
 from tenacity import Retrying
 
-from k2_shared_token import wire
-from k2_shared_token.errors import (
+from k2_shared_token._core.errors import (
     InvalidCredentialsError,
     InvalidTokenResponseError,
     TokenEndpointError,
     TokenEndpointUnavailableError,
     TokenRequestRejectedError,
 )
-from k2_shared_token.retry import policy
-
-from .strategies import json_values
+from k2_shared_token._k2 import wire
+from k2_shared_token._k2.retry import policy
+from tests.strategies import json_values
 
 MARKER = "ZQ7SECRETMARKER9XK"
 

@@ -32,10 +32,10 @@ from multiprocessing.synchronize import Event as MpEvent
 from typing import Any
 
 from k2_shared_token import SharedCacheError, SharedTokenProvider
-from k2_shared_token.access_token import fingerprint_of
-from k2_shared_token.async_provider import AsyncSharedTokenProvider
-from k2_shared_token.fake_server import FakeK2Server
-from k2_shared_token.metrics import Event
+from k2_shared_token._async_provider import AsyncSharedTokenProvider
+from k2_shared_token._core.metrics import Event
+from k2_shared_token._core.tokens import fingerprint_of
+from k2_shared_token.testing.fake_k2 import FakeK2Server
 
 CTX: SpawnContext = multiprocessing.get_context("spawn")
 

@@ -1,0 +1,193 @@
+"""``k2-token``: the command line (also ``python -m k2_shared_token``).
+
+Configuration comes from flags or the variables ``SharedTokenProvider.from_env`` reads:
+K2_CLIENT_ID, K2_CLIENT_SECRET, K2_BASE_URL, K2_REDIS_URL (else REDIS_URL) and
+K2_TOKEN_ENCRYPTION_KEYS. Only ``get`` needs the secret; ``status`` and ``invalidate`` work from
+the namespace (base URL and client id).
+
+Exit codes: 0 ok, 1 an invariant or a K2 error, 2 missing or bad configuration, 3 Redis
+unreachable, 4 K2 rejected the credentials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .._core.errors import (
+    ConfigurationError,
+    InvalidCredentialsError,
+    K2TokenError,
+    SharedCacheError,
+)
+from .._core.settings import SANDBOX_URL, namespace_for, normalise_base_url
+from .._provider import DEFAULT_REDIS_URL, SharedTokenProvider
+from .._redis import crypto
+from .._redis.clients import redis_client
+from .._redis.commands import Namespace
+from .._redis.layout import Keys
+from .._redis.store import RedisStore
+from .._version import __version__
+from ..testing import fake_k2 as fake_server
+from . import demo
+
+EXIT_CODES: tuple[tuple[type[K2TokenError], int], ...] = (
+    (ConfigurationError, 2),
+    (SharedCacheError, 3),
+    (InvalidCredentialsError, 4),
+    (K2TokenError, 1),
+)
+
+
+def _config_flags(parser: argparse.ArgumentParser, *, secret: bool) -> None:
+    env = os.environ.get
+    parser.add_argument("--client-id", default=env("K2_CLIENT_ID"), help="default: $K2_CLIENT_ID")
+    if secret:
+        parser.add_argument(
+            "--client-secret", default=env("K2_CLIENT_SECRET"), help="default: $K2_CLIENT_SECRET"
+        )
+    parser.add_argument(
+        "--base-url", default=env("K2_BASE_URL") or SANDBOX_URL, help="default: $K2_BASE_URL"
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=env("K2_REDIS_URL") or env("REDIS_URL") or DEFAULT_REDIS_URL,
+        help="default: $K2_REDIS_URL, else $REDIS_URL",
+    )
+    parser.add_argument("--key-prefix", default="k2")
+
+
+def _store(args: argparse.Namespace) -> RedisStore:
+    if not args.client_id:
+        raise ConfigurationError("K2_CLIENT_ID (or --client-id) must be set")
+    base_url = normalise_base_url(args.base_url, allow_insecure_http=True)
+    namespace = namespace_for(base_url, args.client_id)
+    keys = Keys.for_namespace(args.key_prefix, namespace)
+    keys_env = crypto.keys_from_env(os.environ.get(crypto.ENV_KEYS, ""))
+    cipher = crypto.TokenCipher(keys_env, keys.token) if keys_env else None
+    return RedisStore(
+        redis_client(args.redis_url, 2.0), Namespace(keys, namespace, 15, cipher=cipher)
+    )
+
+
+def _get(args: argparse.Namespace) -> int:
+    if not (args.client_id and args.client_secret):
+        raise ConfigurationError("K2_CLIENT_ID and K2_CLIENT_SECRET must be set")
+    with SharedTokenProvider(
+        client_id=args.client_id,
+        client_secret=args.client_secret,
+        base_url=args.base_url,
+        redis=args.redis_url,
+        key_prefix=args.key_prefix,
+        on_redis_error="raise",  # a command reports an unreachable Redis rather than hide it
+        encryption_keys=crypto.keys_from_env(os.environ.get(crypto.ENV_KEYS, "")),
+    ) as provider:
+        print(provider.get_token())
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    status = _store(args).status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    token, lock = status["token"], status["lock"]
+    rows: list[tuple[str, str]] = [("namespace", status["namespace"])]
+    if token is None:
+        rows.append(("token", "none shared"))
+    else:
+        issued = token["issued_at"]
+        rows += [
+            ("token", token["fingerprint"]),
+            ("seconds left", f"{token['seconds_left']:.1f} of {token['lifetime']:g}"),
+            ("last exchange", "-" if not issued else
+             time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(issued))
+             + f", took {token['exchange_seconds']:.3f} s"),
+        ]  # fmt: skip
+    if lock is None:
+        rows.append(("refresh lock", "free"))
+    else:
+        held = lock["held_for_seconds"]
+        rows.append((
+            "refresh lock",
+            f"held by {lock['host']} pid {lock['pid']}"
+            + (f" for {held:.1f} s" if held is not None else "")
+            + f", lease ends in {lock['lease_left_seconds']:.1f} s",
+        ))  # fmt: skip
+    holdoff = status["holdoff"]
+    if holdoff is not None:
+        rows.append((
+            "fleet hold-off",
+            f"{holdoff['error']}, {holdoff['seconds_left']:.1f} s left, "
+            f"{holdoff['failed_exchanges']} failed exchanges in a row",
+        ))  # fmt: skip
+    rows.append(("lock acquisitions", str(status["lock_acquisitions"])))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    return 0
+
+
+def _invalidate(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if args.force:
+        deleted = store.clear()
+    elif args.token:
+        deleted = store.invalidate(args.token)
+    else:
+        raise ConfigurationError("invalidate needs --token TOKEN (compare-and-delete) or --force")
+    print("deleted" if deleted else "not deleted (no such shared token)")
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    print(crypto.new_key())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="k2-token",
+        description="Share one Kopo Kopo K2 access token across a fleet through Redis.",
+        epilog="exit codes: 0 ok, 1 error, 2 configuration, 3 Redis unreachable, "
+        "4 credentials rejected",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, run: Callable[[argparse.Namespace], int], text: str) -> Any:
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.set_defaults(run=run)
+        return sub
+
+    p = command("get", _get, 'print a valid token, e.g. for curl -H "Authorization: Bearer ..."')
+    _config_flags(p, secret=True)
+    p = command("status", _status, "show the shared token, the refresh lock and counters")
+    _config_flags(p, secret=False)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = command("invalidate", _invalidate, "drop the shared token")
+    _config_flags(p, secret=False)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--token", help="delete only if this is still the shared token")
+    group.add_argument("--force", action="store_true", help="delete whatever is shared")
+    command("keygen", _keygen, f"print a new key for {crypto.ENV_KEYS} (token encryption)")
+    p = command("fake-server", fake_server.run_from_args, "run the fake K2 auth server")
+    fake_server.add_arguments(p)
+    p = command("demo", demo.run_from_args, "run a worker fleet on embedded Redis and a fake K2")
+    demo.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except K2TokenError as exc:
+        print(f"k2-token: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return next(code for cls, code in EXIT_CODES if isinstance(exc, cls))
+    except KeyboardInterrupt:
+        return 130

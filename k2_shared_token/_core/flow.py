@@ -1,0 +1,413 @@
+"""Who refreshes and what happens on each failure: the I/O-free core, written once.
+
+Like httpx's auth flow, the logic is a generator that *yields* the I/O it needs (an effect) and
+is sent back the result. A driver performs the effects: :func:`drive` with blocking redis-py and
+requests calls, an asyncio driver with awaited ones. So the sync and asyncio providers share the
+decisions instead of copying them, and the tests can step through a flow by hand.
+
+Errors travel the same way: a driver throws the effect's :class:`K2TokenError` into the
+generator, which decides: give the lock back and tell the waiters (and the fleet, through a
+hold-off in Redis, see :mod:`.backoff`); hand out the last token while it is still alive rather
+than fail a caller; or, when Redis itself fails (:class:`SharedCacheError`) and the provider
+allows it, carry on without Redis: exchange in this process, under its own single flight and
+hold-off (the *local fallback*).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from .._redis.codec import StoredToken
+from .backoff import BackoffPolicy, LocalFailures, is_credentials_error
+from .errors import K2TokenError, SharedCacheError, TokenUnavailableError, error_from_report
+from .windows import Snapshot, Windows
+
+R = TypeVar("R")
+T = TypeVar("T")
+
+
+class Effect(Generic[R]):
+    """A piece of I/O the flow asks its driver to perform; ``R`` is what it sends back."""
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A token just granted by K2.
+
+    ``expires_in`` counts from ``requested_at`` (monotonic), the moment the request was sent, so
+    time spent in transit shortens the lifetime, never extends it.
+    """
+
+    value: str
+    token_type: str
+    expires_in: int
+    requested_at: float
+    requested_at_wall: float  # the same instant on the wall clock, for status displays
+    took: float  # seconds the exchange took, retries included
+
+
+@dataclass(frozen=True)
+class LockAttempt:
+    acquired: bool
+    skipped: bool  # the script judged the token good enough and left the lock alone
+    fence: int  # meaningful only when acquired
+    lock_ttl_ms: int  # meaningful only when not acquired
+    snapshot: Snapshot | None
+    owner: str
+    streak: int = 0  # acquired: how many exchanges in a row failed before this one
+    holdoff_code: str | None = None  # the fleet is holding off K2 after this error...
+    holdoff_ms: int = 0  # ... for this much longer
+
+
+@dataclass(frozen=True)
+class WaitOutcome:
+    snapshot: Snapshot | None
+    error_code: str | None = None
+    timed_out: bool = False  # nothing was announced before the timeout (the lease, usually)
+    holdoff_ms: int = 0  # with error_code: the hold-off the holder set for the fleet
+
+
+@dataclass(frozen=True)
+class TryLock(Effect[LockAttempt]):
+    min_ttl_ms: int
+    after_timeout: bool = False  # the last wait saw nothing: acquiring now is a takeover
+
+
+@dataclass(frozen=True)
+class Exchange(Effect[IssuedToken]):
+    pass
+
+
+@dataclass(frozen=True)
+class Publish(Effect[Snapshot]):
+    """Write, wake, release; the driver returns the issued token as a snapshot of our own."""
+
+    lock: LockAttempt
+    issued: IssuedToken
+
+
+@dataclass(frozen=True)
+class Release(Effect[None]):
+    """Give the lock back; after a failed exchange, report it and set the fleet's hold-off."""
+
+    lock: LockAttempt
+    error_code: str = ""
+    holdoff_ms: int = 0
+    credentials: bool = False  # the hold-off binds only workers with the same secret
+
+
+@dataclass(frozen=True)
+class Wait(Effect[WaitOutcome]):
+    """Block until a token is announced, the lock holder reports failure, or ``timeout`` ends.
+    The driver re-reads the token after subscribing, so an announcement cannot be missed."""
+
+    timeout: float
+    min_ttl_ms: int
+
+
+Flow = Generator[Effect[Any], Any, T]
+
+
+def perform(effect: Effect[R]) -> Generator[Effect[Any], Any, R]:
+    """``x = yield from perform(e)``: a typed yield."""
+    result: R = yield effect
+    return result
+
+
+DEFAULT_BACKOFF = BackoffPolicy()
+
+
+def own_snapshot(issued: IssuedToken, fence: int, now: float) -> Snapshot:
+    """A token this process exchanged, as if read back from Redis at ``now``."""
+    age = now - issued.requested_at
+    stored = StoredToken(
+        issued.value,
+        issued.token_type,
+        issued.expires_in,
+        fence,
+        issued.requested_at_wall,
+        int(issued.took * 1000),
+    )
+    ttl_ms = int((issued.expires_in - age) * 1000)
+    return Snapshot(stored, max(ttl_ms, 0), now, issued.requested_at_wall + age)
+
+
+def _usable(windows: Windows, snap: Snapshot | None, now: float, *, fresh: bool) -> bool:
+    if snap is None:
+        return False
+    held = windows.hold(snap)
+    return held.is_fresh(now) if fresh else held.is_usable(now)
+
+
+def _lifetime(snap: Snapshot | None) -> float | None:
+    return None if snap is None else snap.stored.lifetime
+
+
+def _holdoff_error(code: str, holdoff_ms: int) -> K2TokenError:
+    return error_from_report(code, holdoff_ms / 1000 if holdoff_ms > 0 else None)
+
+
+def _exchange_and_publish(
+    lock: LockAttempt,
+    clock: Callable[[], float],
+    backoff: BackoffPolicy,
+    local: LocalFailures | None,
+) -> Flow[Snapshot]:
+    try:
+        issued = yield from perform(Exchange())
+    except K2TokenError as exc:
+        # Give the lock back, tell the waiters why and hold the fleet off K2 for a while. If
+        # Redis fails here too, the lease frees the lock anyway; the exchange error is the one
+        # the caller can act on.
+        holdoff = backoff.holdoff(exc, lock.streak + 1)
+        release = Release(lock, exc.code, int(holdoff * 1000), is_credentials_error(exc))
+        with contextlib.suppress(K2TokenError):
+            yield from perform(release)
+        raise
+    try:
+        return (yield from perform(Publish(lock, issued)))
+    except SharedCacheError:
+        if local is None:
+            raise
+        # Redis went away mid-exchange: the token is good, keep it in this process.
+        return own_snapshot(issued, 0, clock())
+
+
+def _local(
+    clock: Callable[[], float], backoff: BackoffPolicy, local: LocalFailures
+) -> Flow[Snapshot]:
+    """Without Redis: exchange in this process, under the same hold-off policy kept locally."""
+    local.check(clock())
+    try:
+        issued = yield from perform(Exchange())
+    except K2TokenError as exc:
+        local.failed(exc, backoff, clock())
+        raise
+    local.succeeded()
+    return own_snapshot(issued, 0, clock())
+
+
+def _through_redis(
+    shared: bool, local: LocalFailures | None, run: Callable[[], Flow[T]]
+) -> Flow[tuple[bool, T | None]]:
+    """``(True, result)`` of the flow ``run()`` makes against Redis, or ``(False, None)`` when
+    the caller must carry on without Redis: skipped (``shared=False``) or failing, with a
+    fallback (``local``) to carry on with. Without one, the Redis failure propagates."""
+    if shared:
+        try:
+            return True, (yield from run())
+        except SharedCacheError:
+            if local is None:
+                raise
+    if local is None:
+        raise SharedCacheError("Redis is skipped and the local fallback is off")
+    return False, None
+
+
+class _Sighting:
+    """The newest token a flow has seen, kept across the flow's failure: handed out instead of
+    the error while it has not expired."""
+
+    def __init__(self, snapshot: Snapshot | None) -> None:
+        self.snapshot = snapshot
+
+    def saw(self, snapshot: Snapshot | None) -> None:
+        self.snapshot = snapshot or self.snapshot
+
+    def alive(self, now: float) -> Snapshot | None:
+        snap = self.snapshot
+        return snap if snap is not None and now < snap.seen_at + snap.ttl_ms / 1000 else None
+
+
+def obtain(
+    windows: Windows,
+    seen: Snapshot | None,
+    deadline: float,
+    clock: Callable[[], float],
+    *,
+    backoff: BackoffPolicy = DEFAULT_BACKOFF,
+    local: LocalFailures | None = None,
+    shared: bool = True,
+) -> Flow[Snapshot]:
+    """A caller needs a usable token now (cache miss or past ``min_validity``).
+
+    Take the lock and exchange, or wait to be woken by whoever holds it. A holder that dies
+    leaves its lock to expire; the wait is bounded by the lock's remaining lease, after which
+    this caller tries to take the lock over. Gives up with :class:`TokenUnavailableError` at
+    ``deadline``; a failure the holder reports, or a hold-off the fleet is in, is raised here
+    too, so a fleet does not hammer the endpoint after, say, ``invalid_client``. Whatever the
+    failure (but Redis's without a fallback), a token that has not expired yet is handed out
+    instead of an error: below ``min_validity``, but better than an error.
+
+    ``local`` (a process's own hold-off memory) turns on the fallback: when Redis fails, the
+    flow carries on without it. ``shared=False`` goes there directly (the circuit is open).
+    """
+    sighting = _Sighting(seen)
+    try:
+        done, snap = yield from _through_redis(
+            shared,
+            local,
+            lambda: _obtain_shared(
+                windows, sighting, deadline, clock, backoff=backoff, local=local
+            ),
+        )
+        if done:
+            assert snap is not None
+            return snap
+        assert local is not None
+        return (yield from _local(clock, backoff, local))
+    except SharedCacheError:
+        raise
+    except K2TokenError:
+        alive = sighting.alive(clock())
+        if alive is None:
+            raise
+        return alive
+
+
+def _obtain_shared(
+    windows: Windows,
+    sighting: _Sighting,
+    deadline: float,
+    clock: Callable[[], float],
+    *,
+    backoff: BackoffPolicy,
+    local: LocalFailures | None,
+) -> Flow[Snapshot]:
+    force = timed_out = False
+    while True:
+        lifetime = _lifetime(sighting.snapshot)
+        threshold = -1 if force else windows.lock_threshold_ms(lifetime, fresh=False)
+        lock = yield from perform(TryLock(threshold, timed_out))
+        sighting.saw(lock.snapshot)
+        if _usable(windows, lock.snapshot, clock(), fresh=False):
+            if lock.acquired:
+                yield from perform(Release(lock))
+            assert lock.snapshot is not None
+            return lock.snapshot
+        if lock.acquired:
+            return (yield from _exchange_and_publish(lock, clock, backoff, local))
+        if lock.holdoff_code is not None:
+            raise _holdoff_error(lock.holdoff_code, lock.holdoff_ms)
+        if lock.skipped:
+            # Redis judged the value good but we cannot use it (unreadable, or its lifetime
+            # shrinks our windows): take the lock regardless on the next attempt.
+            force = True
+            continue
+        remaining = deadline - clock()
+        if remaining <= 0:
+            raise TokenUnavailableError(
+                "no token within wait_timeout: another worker holds the refresh lock"
+            )
+        wake_by = min(remaining, max(lock.lock_ttl_ms, 0) / 1000 + 0.01)
+        outcome = yield from perform(Wait(wake_by, threshold))
+        if outcome.error_code is not None:
+            raise _holdoff_error(outcome.error_code, outcome.holdoff_ms)
+        if _usable(windows, outcome.snapshot, clock(), fresh=False):
+            assert outcome.snapshot is not None
+            return outcome.snapshot
+        sighting.saw(outcome.snapshot)
+        timed_out = outcome.timed_out
+
+
+def refresh(
+    windows: Windows,
+    lifetime: float | None,
+    clock: Callable[[], float],
+    *,
+    backoff: BackoffPolicy = DEFAULT_BACKOFF,
+    local: LocalFailures | None = None,
+    shared: bool = True,
+    held_fresh: bool = False,
+) -> Flow[Snapshot | None]:
+    """Early refresh, off the callers' path: the current token is still usable.
+
+    Only the worker that wins the lock exchanges; a worker that loses waits for the winner's
+    announcement (so its local copy is replaced the moment the new token exists) but never
+    exchanges itself. Returns ``None`` when nothing newer arrived; errors propagate to the
+    background runner, which logs them and keeps the current token. Without Redis (``local``
+    given and Redis failing, or ``shared=False``), this process exchanges for itself, unless
+    its token is still fresh (``held_fresh``: the refresh was only a re-check against Redis).
+    """
+    done, snap = yield from _through_redis(
+        shared,
+        local,
+        lambda: _refresh_shared(windows, lifetime, clock, backoff=backoff, local=local),
+    )
+    if done or held_fresh:
+        return snap
+    assert local is not None
+    return (yield from _local(clock, backoff, local))
+
+
+def _refresh_shared(
+    windows: Windows,
+    lifetime: float | None,
+    clock: Callable[[], float],
+    *,
+    backoff: BackoffPolicy,
+    local: LocalFailures | None,
+) -> Flow[Snapshot | None]:
+    threshold = windows.lock_threshold_ms(lifetime, fresh=True)
+    timed_out = False
+    while True:
+        lock = yield from perform(TryLock(threshold, timed_out))
+        if lock.skipped and not _usable(windows, lock.snapshot, clock(), fresh=True):
+            lock = yield from perform(TryLock(-1))  # unreadable to us, whatever Redis thought
+        if lock.acquired:
+            if _usable(windows, lock.snapshot, clock(), fresh=True):
+                yield from perform(Release(lock))
+                return lock.snapshot
+            return (yield from _exchange_and_publish(lock, clock, backoff, local))
+        if _usable(windows, lock.snapshot, clock(), fresh=True):
+            return lock.snapshot
+        if lock.holdoff_code is not None:
+            raise _holdoff_error(lock.holdoff_code, lock.holdoff_ms)
+        outcome = yield from perform(Wait(max(lock.lock_ttl_ms, 0) / 1000 + 0.01, threshold))
+        if outcome.error_code is not None:
+            raise _holdoff_error(outcome.error_code, outcome.holdoff_ms)
+        if not outcome.timed_out or timed_out:
+            return outcome.snapshot
+        # The holder's lease ran out with nothing announced: it died or stalled. Take over
+        # now, once, rather than leave the refresh to the next caller's pause.
+        timed_out = True
+
+
+def _advance(flow: Flow[T], result: Any, error: K2TokenError | None) -> tuple[bool, Any]:
+    """Send a result (or throw an error) into the flow: ``(True, value)`` when it returned,
+    ``(False, effect)`` when it asks for more I/O."""
+    try:
+        return False, (flow.throw(error) if error is not None else flow.send(result))
+    except StopIteration as stop:
+        return True, stop.value
+
+
+def drive(flow: Flow[T], handle: Callable[[Effect[Any]], Any]) -> T:
+    """Run a flow with blocking I/O: perform each effect, send back its result or error."""
+    result: Any = None
+    error: K2TokenError | None = None
+    while True:
+        done, value = _advance(flow, result, error)
+        if done:
+            return value  # type: ignore[no-any-return]
+        try:
+            result, error = handle(value), None
+        except K2TokenError as exc:
+            result, error = None, exc
+
+
+async def adrive(flow: Flow[T], handle: Callable[[Effect[Any]], Awaitable[Any]]) -> T:
+    """Run a flow with awaited I/O: the asyncio counterpart of :func:`drive`."""
+    result: Any = None
+    error: K2TokenError | None = None
+    while True:
+        done, value = _advance(flow, result, error)
+        if done:
+            return value  # type: ignore[no-any-return]
+        try:
+            result, error = await handle(value), None
+        except K2TokenError as exc:
+            result, error = None, exc

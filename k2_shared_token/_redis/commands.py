@@ -1,0 +1,331 @@
+"""What each store operation sends to Redis and how its reply is read, written once.
+
+The blocking store (:mod:`.store`, redis-py) and the asyncio store (:mod:`.async_store`,
+``redis.asyncio``) differ only in how they wait for a reply. Everything else (which script,
+which keys, which arguments, what the reply means, what a pub/sub message means) lives here, so
+sync and async workers of one deployment are guaranteed to speak the same protocol to the same
+keys, and share one token and one lock.
+
+Each operation is a :class:`Call`: a script with its keys and arguments, and the function that
+turns the raw reply into the value the flow core expects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from .._core.flow import IssuedToken, LockAttempt, WaitOutcome, own_snapshot
+from .._core.tokens import fingerprint_of
+from .._core.windows import Snapshot
+from . import codec
+from . import layout as redis_layout
+from .crypto import TokenCipher
+from .layout import Keys
+
+log = logging.getLogger("k2_shared_token._redis.store")
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Script:
+    source: str
+    sha: str
+
+    @classmethod
+    def of(cls, source: str) -> Script:
+        return cls(source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
+
+
+READ = Script.of(redis_layout.READ)
+TRY_LOCK = Script.of(redis_layout.TRY_LOCK)
+PUBLISH = Script.of(redis_layout.PUBLISH)
+RELEASE = Script.of(redis_layout.RELEASE)
+INVALIDATE = Script.of(redis_layout.INVALIDATE)
+
+
+@dataclass(frozen=True)
+class Call(Generic[R]):
+    """One script run: ``what`` names it in errors, ``parse`` reads its reply."""
+
+    what: str
+    script: Script
+    keys: list[str]
+    args: list[Any]
+    parse: Callable[[Any], R]
+
+
+def lock_owner() -> str:
+    """``host:pid:acquired_ms:random``: unique, and it tells an operator who holds the lock and
+    since when (``k2-token status``)."""
+    host = socket.gethostname()[:64].replace(":", "_")
+    return f"{host}:{os.getpid()}:{int(time.time() * 1000)}:{secrets.token_hex(8)}"
+
+
+def _text(raw: Any) -> str:
+    return raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
+
+
+def count(raw: Any) -> int:
+    """A counter read back for display; anything that is not one (foreign data) reads as 0."""
+    text = _text(raw)
+    return int(text) if text.isdigit() and len(text) <= 18 else 0
+
+
+class Namespace:
+    """The protocol of one namespace: keys, script calls, and decoding what comes back."""
+
+    def __init__(
+        self,
+        keys: Keys,
+        namespace: str,
+        lock_lease: float,
+        *,
+        credentials: str = "",
+        cipher: TokenCipher | None = None,
+    ) -> None:
+        """``credentials`` is the secret's fingerprint (:func:`backoff.credentials_fingerprint`):
+        a credentials hold-off set by workers with another secret does not bind this one."""
+        self.keys = keys
+        self.namespace = namespace
+        self.lease_ms = int(lock_lease * 1000)
+        self.credentials = credentials
+        self.cipher = cipher
+        self._last_decoded: tuple[bytes, codec.StoredToken] | None = None
+        # Owners of lock attempts whose reply never came: Redis may still run them (a healed
+        # partition delivers what it held back) and hold the lock a lease long for nobody.
+        self._unanswered: list[str] = []
+
+    def snapshot(self, raw: bytes | str | None, ttl_ms: int) -> Snapshot | None:
+        """Decode a raw value, treating anything unreadable or expiring as a miss."""
+        if isinstance(raw, (bytes, str)) and ttl_ms == -1:
+            log.warning(
+                "namespace %s: ignoring unreadable token value (no expiry: not ours); "
+                "it will be overwritten",
+                self.namespace,
+            )
+            return None
+        if not isinstance(raw, (bytes, str)) or ttl_ms <= 0:
+            return None
+        if isinstance(raw, str):  # a client built with decode_responses=True
+            raw = raw.encode()
+        last = self._last_decoded
+        try:
+            # Most reads return the bytes of the previous one: skip the JSON and digest work.
+            stored = (
+                last[1] if last is not None and last[0] == raw else codec.decode(raw, self.cipher)
+            )
+        except codec.CorruptValueError as exc:
+            log.warning(
+                "namespace %s: ignoring unreadable token value (%s); it will be overwritten",
+                self.namespace,
+                exc,
+            )
+            return None
+        self._last_decoded = (raw, stored)
+        return Snapshot(stored, ttl_ms, time.monotonic(), time.time())
+
+    # -- script calls ------------------------------------------------------------------------
+
+    def read(self) -> Call[tuple[Snapshot | None, int]]:
+        """The token, and the lock's PTTL (a waiter's "has the holder finished?")."""
+        return Call(
+            "read",
+            READ,
+            [self.keys.token, self.keys.lock],
+            [],
+            lambda reply: self.read_reply(*reply),
+        )
+
+    def read_reply(self, raw: Any, ttl: Any, lock_ttl: Any) -> tuple[Snapshot | None, int]:
+        return self.snapshot(raw, int(ttl)), int(lock_ttl)
+
+    def try_lock(self, min_ttl_ms: int) -> Call[LockAttempt]:
+        owner = lock_owner()
+        k = self.keys
+
+        def parse(reply: Any) -> LockAttempt:
+            outcome, number, raw, ttl, extra = reply
+            got = outcome == 1
+            text = _text(extra)
+            return LockAttempt(
+                acquired=got,
+                skipped=outcome == 2,
+                fence=int(number) if got else 0,
+                lock_ttl_ms=int(number) if outcome == 0 else 0,
+                snapshot=self.snapshot(raw, int(ttl)),
+                owner=owner,
+                streak=count(text) if got else 0,
+                holdoff_code=text if outcome == 3 else None,
+                holdoff_ms=int(number) if outcome == 3 else 0,
+            )
+
+        return Call(
+            "lock",
+            TRY_LOCK,
+            [k.token, k.lock, k.fence, k.backoff, k.failures],
+            [owner, self.lease_ms, min_ttl_ms, self.credentials],
+            parse,
+        )
+
+    def publish(self, lock: LockAttempt, issued: IssuedToken) -> tuple[Snapshot, Call[bool] | None]:
+        """The token as this holder will hold it, and the write (None if it already expired)."""
+        snap = own_snapshot(issued, lock.fence, time.monotonic())
+        stored, k = snap.stored, self.keys
+        if snap.ttl_ms <= 0:
+            return snap, None
+        value = codec.encode(
+            stored.value,
+            stored.token_type,
+            stored.lifetime,
+            stored.fence,
+            issued_at=stored.issued_at,
+            took_ms=stored.took_ms,
+            cipher=self.cipher,
+        )
+
+        def parse(written: Any) -> bool:
+            if not written:
+                log.warning(
+                    "namespace %s: a newer lock holder exists; this token was kept "
+                    "local and not shared",
+                    self.namespace,
+                )
+            return bool(written)
+
+        call = Call(
+            "publish",
+            PUBLISH,
+            [k.token, k.lock, k.fence, k.backoff, k.failures],
+            [lock.owner, lock.fence, value, snap.ttl_ms, k.channel],
+            parse,
+        )
+        return snap, call
+
+    def release(
+        self, lock: LockAttempt, error_code: str, holdoff_ms: int = 0, credentials: bool = False
+    ) -> Call[bool]:
+        message = codec.announce_failure(error_code, holdoff_ms) if error_code else ""
+        holdoff = ""
+        if error_code and holdoff_ms > 0:
+            holdoff = f"{error_code}:{self.credentials if credentials else ''}"
+        return self._release(lock.owner, message, holdoff, holdoff_ms)
+
+    def _release(self, owner: str, message: str, holdoff: str, holdoff_ms: int) -> Call[bool]:
+        k = self.keys
+        return Call(
+            "release",
+            RELEASE,
+            [k.lock, k.backoff, k.failures],
+            [owner, k.channel, message, holdoff, max(holdoff_ms, 1)],
+            bool,
+        )
+
+    def unanswered(self, call: Call[Any]) -> None:
+        """A call failed without a reply; if it was a lock attempt, release it later."""
+        if call.script is TRY_LOCK:
+            self._unanswered = [*self._unanswered[-7:], call.args[0]]
+
+    def cleanups(self) -> list[Call[bool]]:
+        """Owner-only releases of unanswered lock attempts, for the store to send once Redis
+        answers again: an orphaned lock would otherwise make the fleet wait out its lease."""
+        owners, self._unanswered = self._unanswered, []
+        return [self._release(owner, "", "", 0) for owner in owners]
+
+    def invalidate(self, token: str) -> Call[bool]:
+        return Call("invalidate", INVALIDATE, [self.keys.token], [codec.digest(token)], bool)
+
+    # -- the waiter's subscription -----------------------------------------------------------
+
+    @staticmethod
+    def after_subscribe(
+        snap: Snapshot | None, lock_ttl: int, min_ttl_ms: int
+    ) -> WaitOutcome | None:
+        """The re-read right after subscribing: done already, or keep listening (None).
+
+        It closes the gap in which a token written (or a lock released) between the caller's
+        last look and the subscription would otherwise be missed: the caller would sit out the
+        rest of the lease for nothing.
+        """
+        if snap is not None and snap.ttl_ms > min_ttl_ms:
+            return WaitOutcome(snap)
+        if lock_ttl == -2:  # the holder finished before we listened: try again now
+            return WaitOutcome(None)
+        return None
+
+    def on_message(self, data: bytes | str) -> WaitOutcome | None:
+        """A message on the namespace channel: a token, a failure, or noise (None)."""
+        try:
+            raw = data.encode() if isinstance(data, str) else data
+            ann = codec.decode_announcement(raw, self.cipher)
+        except codec.CorruptValueError as exc:
+            log.warning("namespace %s: ignoring unreadable announcement (%s)", self.namespace, exc)
+            return None
+        if ann.error_code is not None:
+            return WaitOutcome(None, ann.error_code, holdoff_ms=ann.holdoff_ms)
+        assert ann.stored is not None
+        return WaitOutcome(Snapshot(ann.stored, ann.ttl_ms, time.monotonic(), time.time()))
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status_keys(self) -> list[tuple[str, str]]:
+        """The plain commands ``status`` pipelines, in the order :meth:`status` reads them."""
+        k = self.keys
+        return [
+            ("GET", k.token),
+            ("PTTL", k.token),
+            ("GET", k.lock),
+            ("PTTL", k.lock),
+            ("GET", k.backoff),
+            ("PTTL", k.backoff),
+            ("GET", k.fence),
+            ("GET", k.failures),
+        ]
+
+    def status(self, replies: list[Any]) -> dict[str, Any]:
+        """The shared state of this namespace, for operators; never the token itself."""
+        raw, ttl, owner, lock_ttl, backoff, backoff_ttl, fence, failures = replies
+        now = time.time()
+        out: dict[str, Any] = {
+            "namespace": self.namespace,
+            "token": None,
+            "lock": None,
+            "lock_acquisitions": count(fence),
+            "holdoff": None,
+        }
+        if isinstance(backoff, (bytes, str)) and int(backoff_ttl) > 0:
+            out["holdoff"] = {
+                "error": _text(backoff).partition(":")[0][:64],
+                "seconds_left": round(int(backoff_ttl) / 1000, 3),
+                "failed_exchanges": count(failures),
+            }
+        snap = self.snapshot(raw, int(ttl))
+        if snap is not None:
+            stored = snap.stored
+            out["token"] = {
+                "fingerprint": fingerprint_of(stored.value),
+                "seconds_left": round(snap.ttl_ms / 1000, 3),
+                "lifetime": stored.lifetime,
+                "issued_at": stored.issued_at or None,
+                "exchange_seconds": stored.took_ms / 1000,
+            }
+        if isinstance(owner, (bytes, str)):
+            text = owner.decode(errors="replace") if isinstance(owner, bytes) else str(owner)
+            host, pid, since_ms, _ = [*text.split(":", 3), "", "", ""][:4]
+            plausible = since_ms.isascii() and since_ms.isdigit() and len(since_ms) <= 15
+            since = int(since_ms) / 1000 if plausible else None
+            out["lock"] = {
+                "host": host,
+                "pid": int(pid) if pid.isascii() and pid.isdigit() and len(pid) <= 10 else None,
+                "held_for_seconds": round(now - since, 3) if since else None,
+                "lease_left_seconds": round(int(lock_ttl) / 1000, 3),
+            }
+        return out
