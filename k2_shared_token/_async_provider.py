@@ -20,8 +20,7 @@ from typing import Any, TypeVar
 from ._background import AsyncBackgroundRefresh
 from ._core import flow, metrics
 from ._core.errors import K2TokenError, SharedCacheError
-from ._core.tokens import AccessToken
-from ._core.windows import Held, Snapshot
+from ._core.tokens import AccessToken, Held, Snapshot
 from ._k2.async_exchange import AsyncExchangeClient
 from ._provider_core import ProviderCore
 from ._redis.async_store import AsyncRedisStore

@@ -25,8 +25,7 @@ import requests
 from ._background import BackgroundRefresh
 from ._core import flow, metrics
 from ._core.errors import K2TokenError, SharedCacheError
-from ._core.tokens import AccessToken
-from ._core.windows import Held, Snapshot
+from ._core.tokens import AccessToken, Held, Snapshot
 from ._k2.exchange import ExchangeClient
 from ._provider_core import DEFAULT_REDIS_URL, ProviderCore
 from ._redis.clients import redis_client

@@ -23,8 +23,8 @@ from ._core.breaker import Breaker
 from ._core.errors import ConfigurationError, K2TokenError, SharedCacheError
 from ._core.metrics import Hook, Metrics
 from ._core.settings import SANDBOX_URL, Settings
-from ._core.tokens import AccessToken, fingerprint_of
-from ._core.windows import Held, Snapshot, Windows
+from ._core.tokens import AccessToken, Held, Snapshot, fingerprint_of
+from ._core.windows import Windows
 from ._redis import crypto
 from ._redis.clients import connect
 from ._redis.commands import Namespace

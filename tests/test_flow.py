@@ -38,9 +38,8 @@ from k2_shared_token._core.flow import (
     obtain,
     refresh,
 )
-from k2_shared_token._core.tokens import AccessToken
-from k2_shared_token._core.windows import Held, Snapshot, Windows
-from k2_shared_token._redis.codec import StoredToken
+from k2_shared_token._core.tokens import AccessToken, Held, Snapshot, StoredToken
+from k2_shared_token._core.windows import Windows
 
 WINDOWS = Windows(refresh_ahead=300, min_validity=30, local_max_age=60)
 TOKEN = "old-token-value"

@@ -24,7 +24,7 @@ from k2_shared_token import (
     SharedTokenProvider,
     TokenEndpointUnavailableError,
 )
-from k2_shared_token._core.flow import IssuedToken
+from k2_shared_token._core.tokens import IssuedToken
 from k2_shared_token._redis.codec import decode
 from k2_shared_token.testing.fake_k2 import FakeK2Server, Fault
 from k2_shared_token.testing.redis_server import EmbeddedRedis

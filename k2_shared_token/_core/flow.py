@@ -20,10 +20,10 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .._redis.codec import StoredToken
 from .backoff import BackoffPolicy, LocalFailures, is_credentials_error
 from .errors import K2TokenError, SharedCacheError, TokenUnavailableError, error_from_report
-from .windows import Snapshot, Windows
+from .tokens import IssuedToken, Snapshot, StoredToken
+from .windows import Windows
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -31,22 +31,6 @@ T = TypeVar("T")
 
 class Effect(Generic[R]):
     """A piece of I/O the flow asks its driver to perform; ``R`` is what it sends back."""
-
-
-@dataclass(frozen=True)
-class IssuedToken:
-    """A token just granted by K2.
-
-    ``expires_in`` counts from ``requested_at`` (monotonic), the moment the request was sent, so
-    time spent in transit shortens the lifetime, never extends it.
-    """
-
-    value: str
-    token_type: str
-    expires_in: int
-    requested_at: float
-    requested_at_wall: float  # the same instant on the wall clock, for status displays
-    took: float  # seconds the exchange took, retries included
 
 
 @dataclass(frozen=True)

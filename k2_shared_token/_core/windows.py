@@ -16,40 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._redis.codec import StoredToken
-from .tokens import AccessToken
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A token as Redis reported it: what it is and how many ms it had left at ``seen_at``."""
-
-    stored: StoredToken
-    ttl_ms: int
-    seen_at: float  # time.monotonic() when the reply arrived
-    seen_at_wall: float  # time.time() at the same moment
-
-
-@dataclass(frozen=True)
-class Held:
-    """A token this process holds, and the monotonic instants at which it changes state.
-
-    ``recheck_at`` is when the per-process copy must be confirmed against Redis again: the start
-    of the refresh window, or ``local_max_age`` after it was read, whichever comes first. That is
-    the bound on how stale a warm worker's view of the shared token can be.
-    """
-
-    token: AccessToken
-    lifetime: float
-    recheck_at: float
-    fresh_until: float
-    usable_until: float
-
-    def is_fresh(self, now: float) -> bool:
-        return now < self.fresh_until
-
-    def is_usable(self, now: float) -> bool:
-        return now < self.usable_until
+from .tokens import AccessToken, Held, Snapshot
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from dataclasses import replace
 from tenacity import AsyncRetrying
 
 from .._core.errors import ConfigurationError
-from .._core.flow import IssuedToken
 from .._core.settings import Settings
+from .._core.tokens import IssuedToken
 from . import retry, wire
 from .exchange import MAX_BODY, attempt_timeouts, issued_from_reply, unavailable
 

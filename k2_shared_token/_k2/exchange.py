@@ -18,8 +18,8 @@ import urllib3
 from tenacity import Retrying
 
 from .._core.errors import TokenEndpointError, TokenEndpointUnavailableError
-from .._core.flow import IssuedToken
 from .._core.settings import Settings
+from .._core.tokens import IssuedToken
 from . import retry, wire
 
 log = logging.getLogger("k2_shared_token._k2.exchange")

@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio
 
-from .._core.flow import IssuedToken, LockAttempt, WaitOutcome
-from .._core.windows import Snapshot
+from .._core.flow import LockAttempt, WaitOutcome
+from .._core.tokens import IssuedToken, Snapshot
 from .commands import Call, Namespace
 from .store import REDIS_FAILURES, cache_error, loaded_scripts
 

@@ -27,6 +27,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .._core.tokens import StoredToken
+
 if TYPE_CHECKING:
     from .crypto import TokenCipher
 
@@ -38,18 +40,6 @@ _ANNOUNCED_TTL = re.compile(rb"[0-9]{1,12}")
 
 class CorruptValueError(ValueError):
     """A value under one of our keys that we did not write (or cannot read)."""
-
-
-@dataclass(frozen=True)
-class StoredToken:
-    """The decoded content of the token key."""
-
-    value: str
-    token_type: str
-    lifetime: float
-    fence: int
-    issued_at: float = 0.0  # epoch seconds on the writer's clock when it asked K2 (for status)
-    took_ms: int = 0  # how long that exchange took, retries included (for status)
 
 
 def digest(token: str) -> str:

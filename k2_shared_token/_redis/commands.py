@@ -22,9 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .._core.flow import IssuedToken, LockAttempt, WaitOutcome, own_snapshot
-from .._core.tokens import fingerprint_of
-from .._core.windows import Snapshot
+from .._core.flow import LockAttempt, WaitOutcome, own_snapshot
+from .._core.tokens import IssuedToken, Snapshot, StoredToken, fingerprint_of
 from . import codec
 from . import layout as redis_layout
 from .crypto import TokenCipher
@@ -99,7 +98,7 @@ class Namespace:
         self.lease_ms = int(lock_lease * 1000)
         self.credentials = credentials
         self.cipher = cipher
-        self._last_decoded: tuple[bytes, codec.StoredToken] | None = None
+        self._last_decoded: tuple[bytes, StoredToken] | None = None
         # Owners of lock attempts whose reply never came: Redis may still run them (a healed
         # partition delivers what it held back) and hold the lock a lease long for nobody.
         self._unanswered: list[str] = []

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 import redis
 
 from .._core.errors import SharedCacheError
-from .._core.flow import IssuedToken, LockAttempt, WaitOutcome
-from .._core.windows import Snapshot
+from .._core.flow import LockAttempt, WaitOutcome
+from .._core.tokens import IssuedToken, Snapshot
 from .commands import Call, Namespace
 from .layout import Keys
 
