@@ -22,7 +22,8 @@ demo: $(VENV)/.embedded
 	$(PY) -m k2_shared_token demo
 
 lint: $(VENV)/.test
-	$(VENV)/bin/ruff check k2_shared_token tests benchmarks examples
+	$(PY) tools/unasync.py --check
+	$(VENV)/bin/ruff check k2_shared_token tests benchmarks examples tools
 	$(VENV)/bin/mypy
 
 pytest: $(VENV)/.test

@@ -1,7 +1,7 @@
 """Namespaces: what 1,000 K2 applications cost one Redis, warmed through one ProviderRegistry.
 
 A multi-tenant service holds one provider per (base URL, client id) in a
-:class:`~k2_shared_token._registry.ProviderRegistry`: one Redis client for all of them. This
+:class:`~k2_shared_token.ProviderRegistry`: one Redis client for all of them. This
 section builds N of them (N client ids on one fake K2 server, one embedded Redis), warms each
 once, one after another, and asks:
 
@@ -46,7 +46,7 @@ from benchmarks.common import (
     md_table,
     stats_delta,
 )
-from k2_shared_token._registry import ProviderRegistry
+from k2_shared_token import ProviderRegistry
 from k2_shared_token.testing.fake_k2 import FakeK2Server
 from k2_shared_token.testing.redis_server import EmbeddedRedis
 

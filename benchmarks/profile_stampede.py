@@ -59,8 +59,8 @@ def _instrument(events: list[tuple[str, int, float, float]]) -> None:
     """Wrap the functions of interest with timers that append to ``events``."""
     import redis.connection as rc  # noqa: PLC0415
 
-    from k2_shared_token._k2.exchange import ExchangeClient  # noqa: PLC0415
-    from k2_shared_token._redis.store import RedisStore  # noqa: PLC0415
+    from k2_shared_token._sync.exchange import ExchangeClient  # noqa: PLC0415
+    from k2_shared_token._sync.store import RedisStore  # noqa: PLC0415
 
     idents: dict[int, int] = {}
 

@@ -13,19 +13,19 @@ from ._core.errors import (
 )
 from ._core.settings import PRODUCTION_URL, SANDBOX_URL
 from ._core.tokens import AccessToken
-from ._provider import SharedTokenProvider
-from ._registry import ProviderRegistry
+from ._sync.provider import SharedTokenProvider
+from ._sync.registry import ProviderRegistry
 from ._version import __version__
 
 
 def __getattr__(name: str) -> object:
-    # The asyncio provider needs httpx (the 'asyncio' extra): import it only when asked for.
+    # The asyncio side needs httpx (the 'asyncio' extra) only when used; import it on demand.
     if name == "AsyncSharedTokenProvider":
-        from ._async_provider import AsyncSharedTokenProvider  # noqa: PLC0415
+        from ._async.provider import AsyncSharedTokenProvider  # noqa: PLC0415
 
         return AsyncSharedTokenProvider
     if name == "AsyncProviderRegistry":
-        from ._registry import AsyncProviderRegistry  # noqa: PLC0415
+        from ._async.registry import AsyncProviderRegistry  # noqa: PLC0415
 
         return AsyncProviderRegistry
     raise AttributeError(name)

@@ -1,4 +1,4 @@
-"""Many K2 applications in one process on one Redis client: :class:`ProviderRegistry`.
+"""Many K2 applications in one process on one Redis client: what both registries share.
 
 A multi-tenant service (a client id per merchant, or sandbox and production side by side) needs
 one provider per (base URL, client id). Built one by one from a Redis URL, each provider makes
@@ -13,8 +13,8 @@ either would hand out a token for credentials the caller did not pass. Rotating 
 running process is :meth:`ProviderRegistry.remove`, then :meth:`ProviderRegistry.provider` with
 the new one; the namespace, hence the shared token, stays the same.
 
-:class:`AsyncProviderRegistry` is the same registry for :class:`.AsyncSharedTokenProvider`
-(``await get_token()``, ``await aclose()``); only the awaiting differs.
+:class:`.AsyncProviderRegistry` (written in :mod:`._async.registry`) and the generated
+:class:`.ProviderRegistry` add what awaits: ``get_token``, ``remove`` and closing.
 """
 
 from __future__ import annotations
@@ -24,29 +24,39 @@ import inspect
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from ._core.errors import ConfigurationError
-from ._core.settings import SANDBOX_URL, Settings, namespace_for, normalise_base_url
-from ._provider import SharedTokenProvider
-from ._provider_core import DEFAULT_REDIS_URL, ProviderCore
+from ._core.settings import (
+    DEFAULT_REDIS_URL,
+    SANDBOX_URL,
+    Settings,
+    namespace_for,
+    normalise_base_url,
+)
 from ._redis.clients import connect
 
-if TYPE_CHECKING:
-    from ._async_provider import AsyncSharedTokenProvider
 
-__all__ = ["AsyncProviderRegistry", "ProviderRegistry"]
+class _Provider(Protocol):
+    settings: Settings
 
-P = TypeVar("P", bound=ProviderCore)
+    @property
+    def namespace(self) -> str: ...
+
+
+P = TypeVar("P", bound=_Provider)
 
 # Keyword arguments a registry passes on to every provider: whatever the providers take, except
 # what identifies one provider (given to provider()) and the Redis client (the registry's own).
 _PER_PROVIDER = frozenset({"client_id", "client_secret"})
 _OWN = frozenset({"self", "redis", "base_url"})
-_SHARED = frozenset(inspect.signature(ProviderCore.__init__).parameters) - _PER_PROVIDER - _OWN
+_SHARED = frozenset({"session", "hooks", "encryption_keys"}) | (
+    frozenset(inspect.signature(Settings.build).parameters) - _PER_PROVIDER - _OWN
+)
 _SETTINGS = frozenset(inspect.signature(Settings.build).parameters) - _PER_PROVIDER - _OWN
 
-_live: weakref.WeakSet[_Registry[Any]] = weakref.WeakSet()
+_live: weakref.WeakSet[RegistryBase[Any]] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
@@ -58,7 +68,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class _Registry(Generic[P]):
+class RegistryBase(Generic[P]):
     """What both registries share: validation, the one client, lookup and creation."""
 
     _asyncio: ClassVar[bool] = False
@@ -99,7 +109,7 @@ class _Registry(Generic[P]):
         self._closed = False
         _live.add(self)
 
-    def _provider_class(self) -> type[P]:
+    def _provider_class(self) -> Callable[..., P]:
         raise NotImplementedError
 
     # -- lookup and creation -----------------------------------------------------------------
@@ -181,85 +191,3 @@ class _Registry(Generic[P]):
             f"{type(self).__name__}(providers={len(self._providers)}, "
             f"default_base_url={self.default_base_url!r})"
         )
-
-
-class ProviderRegistry(_Registry[SharedTokenProvider]):
-    """Blocking providers for many (base URL, client id) pairs on one Redis client.
-
-    ``registry = ProviderRegistry(redis="redis://...", refresh_ahead=..., ...)``, then
-    ``registry.get_token(client_id, client_secret)`` or ``registry.provider(...).auth()``.
-    Thread-safe; build it once per process (before a fork is fine).
-    """
-
-    def _provider_class(self) -> type[SharedTokenProvider]:
-        return SharedTokenProvider
-
-    def get_token(
-        self, client_id: str, client_secret: str | None = None, *, base_url: str | None = None
-    ) -> str:
-        """A valid token of (``base_url``, ``client_id``): ``provider(...).get_token()``."""
-        return self.provider(client_id, client_secret, base_url=base_url).get_token()
-
-    def remove(self, client_id: str, *, base_url: str | None = None) -> bool:
-        """Close and forget one provider (a removed tenant, a rotated secret); the shared token
-        stays in Redis. True if there was one."""
-        provider = self._pop(client_id, base_url)
-        if provider is not None:
-            provider.close()
-        return provider is not None
-
-    def close(self) -> None:
-        """Close every provider, then the Redis client if the registry made it. Idempotent."""
-        providers = self._take_all()
-        if providers is None:
-            return
-        for provider in providers:
-            provider.close()
-        if self._owns_client:
-            self.client.close()
-
-    def __enter__(self) -> ProviderRegistry:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class AsyncProviderRegistry(_Registry["AsyncSharedTokenProvider"]):
-    """:class:`ProviderRegistry` for asyncio: one ``redis.asyncio`` client for every provider.
-
-    Needs httpx (the ``asyncio`` extra), imported when the first provider is built.
-    """
-
-    _asyncio = True
-
-    def _provider_class(self) -> type[AsyncSharedTokenProvider]:
-        from ._async_provider import AsyncSharedTokenProvider  # noqa: PLC0415 - httpx optional
-
-        return AsyncSharedTokenProvider
-
-    async def get_token(
-        self, client_id: str, client_secret: str | None = None, *, base_url: str | None = None
-    ) -> str:
-        return await self.provider(client_id, client_secret, base_url=base_url).get_token()
-
-    async def remove(self, client_id: str, *, base_url: str | None = None) -> bool:
-        provider = self._pop(client_id, base_url)
-        if provider is not None:
-            await provider.aclose()
-        return provider is not None
-
-    async def aclose(self) -> None:
-        providers = self._take_all()
-        if providers is None:
-            return
-        for provider in providers:
-            await provider.aclose()
-        if self._owns_client:
-            await self.client.aclose()
-
-    async def __aenter__(self) -> AsyncProviderRegistry:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()

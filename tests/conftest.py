@@ -17,15 +17,16 @@ import redis
 from k2_shared_token import SharedTokenProvider
 from k2_shared_token.testing.fake_k2 import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, FakeK2Server
 from k2_shared_token.testing.redis_server import EmbeddedRedis
+from tests.both_ways import EventLoopThread, maker
 
 CLIENT_ID = DEFAULT_CLIENT_ID
 CLIENT_SECRET = DEFAULT_CLIENT_SECRET
 
 
 @pytest.fixture
-def redis_server() -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis() as server:
-        yield server
+def redis_server(k2_redis: EmbeddedRedis) -> EmbeddedRedis:
+    """The test kit's private redis-server (the plugin's ``k2_redis``)."""
+    return k2_redis
 
 
 @pytest.fixture
@@ -36,9 +37,9 @@ def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def fake_k2() -> Iterator[FakeK2Server]:
-    with FakeK2Server(clients={CLIENT_ID: CLIENT_SECRET}) as server:
-        yield server
+def fake_k2(k2_fake_server: FakeK2Server) -> FakeK2Server:
+    """The test kit's fake K2 server (the plugin's ``k2_fake_server``)."""
+    return k2_fake_server
 
 
 def provider_kwargs(redis_url: str, base_url: str, **overrides: Any) -> dict[str, Any]:
@@ -54,18 +55,46 @@ def provider_kwargs(redis_url: str, base_url: str, **overrides: Any) -> dict[str
     return kwargs
 
 
+@pytest.fixture(scope="session")
+def event_loop_thread() -> Iterator[Callable[[], EventLoopThread]]:
+    """One event loop thread for the asyncio providers of the whole session, started lazily."""
+    started: list[EventLoopThread] = []
+
+    def get() -> EventLoopThread:
+        if not started:
+            started.append(EventLoopThread())
+        return started[0]
+
+    yield get
+    for loop in started:
+        loop.stop()
+
+
+@pytest.fixture(params=["sync", "async"])
+def side(request: pytest.FixtureRequest) -> str:
+    """Which provider a provider-level test runs against; ``@pytest.mark.sync_only(reason)``
+    keeps a test to the blocking one (the reason says why it cannot apply to asyncio)."""
+    marker = request.node.get_closest_marker("sync_only")
+    if request.param == "async" and marker is not None:
+        pytest.skip(f"blocking provider only: {marker.args[0]}")
+    return str(request.param)
+
+
 @pytest.fixture
 def make_provider(
-    redis_server: EmbeddedRedis, fake_k2: FakeK2Server
+    redis_server: EmbeddedRedis,
+    fake_k2: FakeK2Server,
+    side: str,
+    event_loop_thread: Callable[[], EventLoopThread],
 ) -> Iterator[Callable[..., SharedTokenProvider]]:
-    made: list[SharedTokenProvider] = []
+    """Builds providers of this test's side; every provider-level test runs on both."""
+    made: list[Any] = []
+    build = maker(side, event_loop_thread)
 
     def make(**overrides: Any) -> SharedTokenProvider:
-        provider = SharedTokenProvider(
-            **provider_kwargs(redis_server.url, fake_k2.base_url, **overrides)
-        )
+        provider = build(**provider_kwargs(redis_server.url, fake_k2.base_url, **overrides))
         made.append(provider)
-        return provider
+        return provider  # type: ignore[no-any-return]
 
     yield make
     for provider in made:

@@ -16,8 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from k2_shared_token import SharedTokenProvider
-from k2_shared_token._async_provider import AsyncSharedTokenProvider
+from k2_shared_token import AsyncSharedTokenProvider, SharedTokenProvider
 
 # token -> (first use, last use), monotonic seconds
 Seen = dict[str, tuple[float, float]]

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from k2_shared_token._cli.main import build_parser
-from k2_shared_token._provider import SharedTokenProvider
+from k2_shared_token._cli.main import parse
+from k2_shared_token._core.settings import options_from_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,12 +62,12 @@ def test_our_own_commands_parse(compose: dict[str, Any]) -> None:
     for service in compose["services"].values():
         command = service.get("command", [])
         if command[:3] == ["python", "-m", "k2_shared_token"]:
-            args = build_parser().parse_args(command[3:])
+            args = parse(command[3:])
             assert callable(args.run)
 
 
 def test_every_k2_variable_is_one_from_env_reads(compose: dict[str, Any]) -> None:
-    known = set(re.findall(r"K2_[A-Z_]+", SharedTokenProvider.from_env.__doc__ or ""))
+    known = set(re.findall(r"K2_[A-Z_]+", options_from_env.__doc__ or ""))
     known |= {"K2_CLIENT_ID", "K2_CLIENT_SECRET", "K2_BASE_URL", "K2_REDIS_URL"}
     anchors = {k: v for k, v in compose.items() if k.startswith("x-")}
     for block in [

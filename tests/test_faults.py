@@ -1027,7 +1027,7 @@ def exchange_attempts(reports: list[WorkerReport]) -> list[list[float]]:
         current: list[float] | None = None
         for line in sorted(report.logs, key=lambda line: line.at):
             match = pattern.search(line.message)
-            if line.logger != "k2_shared_token._k2.exchange" or match is None:
+            if line.logger != "k2_shared_token.exchange" or match is None:
                 continue
             if int(match.group(1)) == 1 or current is None:
                 current = []

@@ -6,8 +6,8 @@ result or error for each) and a fake monotonic clock.
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import Any
+from collections.abc import Callable, Generator
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import given, settings
@@ -34,7 +34,7 @@ from k2_shared_token._core.flow import (
     TryLock,
     Wait,
     WaitOutcome,
-    drive,
+    advance,
     obtain,
     refresh,
 )
@@ -44,6 +44,23 @@ from k2_shared_token._core.windows import Windows
 WINDOWS = Windows(refresh_ahead=300, min_validity=30, local_max_age=60)
 TOKEN = "old-token-value"
 NEW_TOKEN = "new-token-value"
+
+
+T = TypeVar("T")
+
+
+def drive(flow: Generator[Effect[Any], Any, T], handle: Callable[[Effect[Any]], Any]) -> T:
+    """The smallest driver: perform each effect with ``handle``, throw its K2TokenError back."""
+    result: Any = None
+    error: K2TokenError | None = None
+    while True:
+        done, value = advance(flow, result, error)
+        if done:
+            return value  # type: ignore[no-any-return]
+        try:
+            result, error = handle(value), None
+        except K2TokenError as exc:
+            result, error = None, exc
 
 
 class Clock:

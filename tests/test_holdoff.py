@@ -199,7 +199,7 @@ def test_a_still_valid_token_is_served_throughout_a_holdoff(
     redis_client.pexpire(keys.token, 100_000)  # 100 s left: inside the refresh window
     fake_k2.inject(Fault.status(503))
     assert reader.get_token() == token  # served; the early refresh runs in the background
-    assert reader._background.join(5)
+    assert reader.wait_for_refresh(5)
     assert fake_k2.token_requests == 2
     assert reader.stats()["refresh_failed"] == 1
     assert 29_000 < redis_client.pttl(keys.backoff) <= 30_000
@@ -212,7 +212,7 @@ def test_a_still_valid_token_is_served_throughout_a_holdoff(
     redis_client.pexpire(keys.token, 5_000)  # alive, but below min_validity
     late = make_provider(**kwargs)
     assert late.get_token() == token  # better than an error while the fleet holds off
-    assert late._background.join(5)
+    assert late.wait_for_refresh(5)
     assert fake_k2.token_requests == 2, "a held-off worker asked K2"
     no_leaks(fake_k2, redis_client, all_logs, [], [reader, late])
 

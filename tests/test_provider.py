@@ -99,6 +99,7 @@ class CountingConnection(redis.Connection):
         super().send_packed_command(command, check_health)
 
 
+@pytest.mark.sync_only("counts sends on a blocking redis-py connection class")
 @pytest.mark.parametrize("client_kind", ["plain pool (pipelined read)", "cluster-style (script)"])
 def test_without_local_cache_every_call_is_one_redis_round_trip(
     make_provider: Make, redis_server, redis_client: redis.Redis, client_kind: str
@@ -244,7 +245,7 @@ def test_refresh_ahead_one_exchange_while_callers_keep_the_current_token(
     # Move the shared token into the refresh window: 100 s left < refresh_ahead.
     redis_client.pexpire(workers[0].keys.token, 100_000)
     for w in workers:
-        w._held = None  # as if their local copies had reached local_max_age
+        w._local.held = None  # as if their local copies had reached local_max_age
     fake_k2.pause_tokens()
     try:
         # The refresh is stuck inside K2; every caller must still get the old token at once.
@@ -255,7 +256,7 @@ def test_refresh_ahead_one_exchange_while_callers_keep_the_current_token(
     finally:
         fake_k2.resume_tokens()
     for w in workers:
-        assert w._background.join(5)
+        assert w.wait_for_refresh(5)
     assert fake_k2.exchanges == 2
     new = decode(redis_client.get(workers[0].keys.token)).value
     assert new != old
@@ -270,7 +271,7 @@ def test_failed_early_refresh_keeps_serving_the_current_token(
     redis_client.pexpire(provider.keys.token, 100_000)
     fake_k2.inject(Fault.status(400))
     assert provider.get_token() == old
-    assert provider._background.join(5)
+    assert provider.wait_for_refresh(5)
     assert provider.get_token() == old
     assert any("early refresh failed" in r.getMessage() for r in all_logs.records)
 
@@ -474,6 +475,7 @@ def test_from_env_reads_the_documented_variables(redis_server, fake_k2: FakeK2Se
         SharedTokenProvider.from_env({**env, "K2_LOCK_LEASE": "soon"})
 
 
+@pytest.mark.sync_only("os.fork() with an event loop thread running is not supported by asyncio")
 def test_a_provider_built_before_fork_works_in_the_child(make_provider: Make) -> None:
     provider = make_provider()
     token = provider.get_token()
@@ -505,13 +507,14 @@ def test_a_redis_restart_loses_the_token_and_the_scripts_and_the_next_call_recov
     assert provider.get_token() == second
 
 
+@pytest.mark.sync_only("os.fork() with an event loop thread running is not supported by asyncio")
 def test_a_child_forked_mid_refresh_inherits_no_lock_and_no_pending_refresh(
     make_provider: Make, fake_k2: FakeK2Server, redis_client: redis.Redis
 ) -> None:
     provider = make_provider(refresh_ahead=120, min_validity=10)
     old = provider.get_token()
     redis_client.pexpire(provider.keys.token, 100_000)  # into the refresh window
-    provider._held = None  # as if the local copy had reached local_max_age
+    provider._local.held = None  # as if the local copy had reached local_max_age
     fake_k2.pause_tokens()
     try:
         assert provider.get_token() == old  # stale but usable: served, refresh in background
@@ -520,7 +523,7 @@ def test_a_child_forked_mid_refresh_inherits_no_lock_and_no_pending_refresh(
         pid = os.fork()
         if pid == 0:  # the child: no refresh pending, no flight in progress, nothing blocks
             try:
-                fresh_state = not provider._background._pending
+                fresh_state = not provider._refresher._pending
                 served = provider.get_token() == old
                 os.write(write, b"1" if fresh_state and served else b"0")
             finally:
@@ -533,5 +536,5 @@ def test_a_child_forked_mid_refresh_inherits_no_lock_and_no_pending_refresh(
         os.waitpid(pid, 0)
     finally:
         fake_k2.resume_tokens()
-    assert provider._background.join(5)
+    assert provider.wait_for_refresh(5)
     assert provider.get_token() != old

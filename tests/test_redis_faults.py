@@ -123,7 +123,7 @@ def test_after_redis_returns_and_the_cooldown_ends_the_token_is_shared_again(
     redis_server.start()  # same port, empty: a crashed Redis without persistence
     clock.advance(PAST_BOTH)
     assert provider.get() == local  # still served at once; the re-check runs in the background
-    assert provider._background.join(5)
+    assert provider.wait_for_refresh(5)
 
     shared = provider.get()
     assert shared.value != local.value
@@ -181,7 +181,7 @@ def test_a_black_holed_redis_is_timed_out_once_then_not_connected_to_until_it_he
     proxy.forward()
     clock.advance(PAST_BOTH)
     provider.get()
-    assert provider._background.join(5)
+    assert provider.wait_for_refresh(5)
     shared = provider.get()
     assert decode(stored_bytes(redis_client, provider.keys.token)).value == shared.value
     assert make_provider().get().value == shared.value
@@ -407,6 +407,7 @@ def test_a_holder_whose_lease_ran_out_cannot_overwrite_a_newer_token_or_free_a_n
     )
 
 
+@pytest.mark.sync_only("patches the blocking client's eval")
 def test_a_lock_attempt_whose_reply_was_lost_is_released_once_redis_answers(
     make_provider: Make, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -433,21 +433,21 @@ def test_restricted_user_runs_the_whole_flow(
     assert second.get().value == old.value
     assert fake_k2.exchanges == 1
 
-    held = first._held
+    held = first._local.held
     assert held is not None
     wait_until(held.fresh_until)  # the token is now in its refresh window in Redis too
     assert first.get().value == old.value  # served at once; the refresh runs in the background
     assert fake_k2.wait_for_token_requests(2, timeout=5)
-    assert first._background.join(5)
+    assert first.wait_for_refresh(5)
     new = first.get()
     assert new.value != old.value
     assert fake_k2.exchanges == 2
-    held = second._held
+    held = second._local.held
     assert held is not None
     wait_until(held.fresh_until)
     # Its copy is stale too: served at once, and re-read in the background.
     assert second.get().value == old.value
-    assert second._background.join(5)
+    assert second.wait_for_refresh(5)
     assert second.get().value == new.value
     assert fake_k2.exchanges == 2
 
@@ -503,7 +503,7 @@ def test_restricted_user_waiters_hear_of_the_holders_failure(
     assert "message" in probe.kinds
     assert fake_k2.token_requests == 1
     # The holder's exchange client warns about K2's refusal; nothing else may warn.
-    assert_no_redis_trouble(all_logs, "k2_shared_token._k2.exchange")
+    assert_no_redis_trouble(all_logs, "k2_shared_token.exchange")
     assert_no_secrets(all_logs, fake_k2, [holder, waiter], acl_redis.password)
 
 

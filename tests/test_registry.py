@@ -18,8 +18,8 @@ import pytest
 import redis
 import requests
 
+from k2_shared_token import AsyncProviderRegistry, ProviderRegistry
 from k2_shared_token._core.errors import ConfigurationError
-from k2_shared_token._registry import AsyncProviderRegistry, ProviderRegistry
 from k2_shared_token.testing.fake_k2 import FakeK2Server
 from k2_shared_token.testing.redis_server import EmbeddedRedis
 from tests.conftest import CLIENT_ID, CLIENT_SECRET

@@ -31,8 +31,7 @@ from multiprocessing.synchronize import Barrier
 from multiprocessing.synchronize import Event as MpEvent
 from typing import Any
 
-from k2_shared_token import SharedCacheError, SharedTokenProvider
-from k2_shared_token._async_provider import AsyncSharedTokenProvider
+from k2_shared_token import AsyncSharedTokenProvider, SharedCacheError, SharedTokenProvider
 from k2_shared_token._core.metrics import Event
 from k2_shared_token._core.tokens import fingerprint_of
 from k2_shared_token.testing.fake_k2 import FakeK2Server

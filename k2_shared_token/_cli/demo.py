@@ -33,7 +33,7 @@ from typing import Any
 import requests
 
 from .._core.errors import K2TokenError
-from .._provider import SharedTokenProvider
+from .._sync.provider import SharedTokenProvider
 from ..testing.fake_k2 import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, FakeK2Server
 from ..testing.redis_server import EmbeddedRedis
 

@@ -12,12 +12,13 @@ unreachable, 4 K2 rejected the credentials.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._core.errors import (
     ConfigurationError,
@@ -25,16 +26,19 @@ from .._core.errors import (
     K2TokenError,
     SharedCacheError,
 )
-from .._core.settings import SANDBOX_URL, namespace_for, normalise_base_url
-from .._provider import DEFAULT_REDIS_URL, SharedTokenProvider
+from .._core.settings import DEFAULT_REDIS_URL, SANDBOX_URL, namespace_for, normalise_base_url
 from .._redis import crypto
-from .._redis.clients import redis_client
-from .._redis.commands import Namespace
-from .._redis.layout import Keys
-from .._redis.store import RedisStore
 from .._version import __version__
-from ..testing import fake_k2 as fake_server
-from . import demo
+
+if TYPE_CHECKING:
+    from .._sync.store import RedisStore
+
+# Commands whose module (and its imports: the test kit, an embedded Redis, the demo) loads
+# only when the command runs, so ``k2-token --help`` and the token commands stay quick.
+_DELEGATED = {
+    "fake-server": ("..testing.fake_k2", "run the fake K2 auth server"),
+    "demo": (".demo", "run a worker fleet on embedded Redis and a fake K2"),
+}
 
 EXIT_CODES: tuple[tuple[type[K2TokenError], int], ...] = (
     (ConfigurationError, 2),
@@ -63,6 +67,11 @@ def _config_flags(parser: argparse.ArgumentParser, *, secret: bool) -> None:
 
 
 def _store(args: argparse.Namespace) -> RedisStore:
+    from .._redis.clients import redis_client  # noqa: PLC0415
+    from .._redis.commands import Namespace  # noqa: PLC0415
+    from .._redis.layout import Keys  # noqa: PLC0415
+    from .._sync.store import RedisStore  # noqa: PLC0415
+
     if not args.client_id:
         raise ConfigurationError("K2_CLIENT_ID (or --client-id) must be set")
     base_url = normalise_base_url(args.base_url, allow_insecure_http=True)
@@ -76,6 +85,8 @@ def _store(args: argparse.Namespace) -> RedisStore:
 
 
 def _get(args: argparse.Namespace) -> int:
+    from .._sync.provider import SharedTokenProvider  # noqa: PLC0415
+
     if not (args.client_id and args.client_secret):
         raise ConfigurationError("K2_CLIENT_ID and K2_CLIENT_SECRET must be set")
     with SharedTokenProvider(
@@ -175,15 +186,27 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--token", help="delete only if this is still the shared token")
     group.add_argument("--force", action="store_true", help="delete whatever is shared")
     command("keygen", _keygen, f"print a new key for {crypto.ENV_KEYS} (token encryption)")
-    p = command("fake-server", fake_server.run_from_args, "run the fake K2 auth server")
-    fake_server.add_arguments(p)
-    p = command("demo", demo.run_from_args, "run a worker fleet on embedded Redis and a fake K2")
-    demo.add_arguments(p)
+    for name, (_, text) in _DELEGATED.items():
+        commands.add_parser(name, help=text, add_help=False)  # parsed by its own module
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments of a whole command line, a delegated command's own included."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in _DELEGATED:
+        module_name, text = _DELEGATED[argv[0]]
+        module = importlib.import_module(module_name, __package__)
+        parser = argparse.ArgumentParser(prog=f"k2-token {argv[0]}", description=text)
+        module.add_arguments(parser)
+        args = parser.parse_args(argv[1:])
+        args.run = module.run_from_args
+        return args
+    return build_parser().parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return int(args.run(args))
     except K2TokenError as exc:

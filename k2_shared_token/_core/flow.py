@@ -1,9 +1,10 @@
 """Who refreshes and what happens on each failure: the I/O-free core, written once.
 
 Like httpx's auth flow, the logic is a generator that *yields* the I/O it needs (an effect) and
-is sent back the result. A driver performs the effects: :func:`drive` with blocking redis-py and
-requests calls, an asyncio driver with awaited ones. So the sync and asyncio providers share the
-decisions instead of copying them, and the tests can step through a flow by hand.
+is sent back the result. A driver performs the effects (the providers' ``_drive``, written once
+for asyncio and generated for blocking code, stepping with :func:`advance`). So the sync and
+asyncio providers share the decisions instead of copying them, and the tests can step through a
+flow by hand.
 
 Errors travel the same way: a driver throws the effect's :class:`K2TokenError` into the
 generator, which decides: give the lock back and tell the waiters (and the fleet, through a
@@ -16,7 +17,7 @@ hold-off (the *local fallback*).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -360,38 +361,42 @@ def _refresh_shared(
         timed_out = True
 
 
-def _advance(flow: Flow[T], result: Any, error: K2TokenError | None) -> tuple[bool, Any]:
+def advance(flow: Flow[T], result: Any, error: K2TokenError | None) -> tuple[bool, Any]:
     """Send a result (or throw an error) into the flow: ``(True, value)`` when it returned,
-    ``(False, effect)`` when it asks for more I/O."""
+    ``(False, effect)`` when it asks for more I/O. The drivers (one per side) loop on this."""
     try:
         return False, (flow.throw(error) if error is not None else flow.send(result))
     except StopIteration as stop:
         return True, stop.value
 
 
-def drive(flow: Flow[T], handle: Callable[[Effect[Any]], Any]) -> T:
-    """Run a flow with blocking I/O: perform each effect, send back its result or error."""
-    result: Any = None
-    error: K2TokenError | None = None
-    while True:
-        done, value = _advance(flow, result, error)
-        if done:
-            return value  # type: ignore[no-any-return]
-        try:
-            result, error = handle(value), None
-        except K2TokenError as exc:
-            result, error = None, exc
+class LockGuard:
+    """What a running flow owns in Redis, so a driver interrupted mid-flow can settle it.
 
+    A flow gives its lock back itself on every error it is told about. A cancellation, a
+    ``KeyboardInterrupt`` or a gevent ``Timeout`` is not one of those: it unwinds the driver,
+    and the generator is merely closed. The driver then asks :meth:`pending` what to do so the
+    fleet does not sit out a lease: publish the token if the exchange already returned one
+    (K2 issued it; the fleet should have it), else release the lock (owner-only).
+    """
 
-async def adrive(flow: Flow[T], handle: Callable[[Effect[Any]], Awaitable[Any]]) -> T:
-    """Run a flow with awaited I/O: the asyncio counterpart of :func:`drive`."""
-    result: Any = None
-    error: K2TokenError | None = None
-    while True:
-        done, value = _advance(flow, result, error)
-        if done:
-            return value  # type: ignore[no-any-return]
-        try:
-            result, error = await handle(value), None
-        except K2TokenError as exc:
-            result, error = None, exc
+    def __init__(self) -> None:
+        self._lock: LockAttempt | None = None
+        self._issued: IssuedToken | None = None
+
+    def saw(self, effect: Effect[Any], result: Any) -> None:
+        """``effect`` was performed and returned ``result``."""
+        match effect:
+            case TryLock() if result.acquired:
+                self._lock, self._issued = result, None
+            case Exchange() if self._lock is not None:
+                self._issued = result
+            case Publish() | Release():
+                self._lock = self._issued = None
+
+    def pending(self) -> Effect[Any] | None:
+        if self._lock is None:
+            return None
+        if self._issued is not None:
+            return Publish(self._lock, self._issued)
+        return Release(self._lock)

@@ -11,13 +11,17 @@ import hashlib
 import ipaddress
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
+from .._redis import crypto
 from .errors import ConfigurationError
 
 SANDBOX_URL = "https://sandbox.kopokopo.com"
 PRODUCTION_URL = "https://api.kopokopo.com"
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
@@ -209,3 +213,49 @@ class Settings:
     @property
     def token_url(self) -> str:
         return self.base_url + "/oauth/token"
+
+
+def options_from_env(env: Mapping[str, str], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A provider's keyword arguments from the ``K2_*`` environment, then ``overrides``.
+
+    Required: ``K2_CLIENT_ID``, ``K2_CLIENT_SECRET``. Optional: ``K2_BASE_URL`` (default:
+    sandbox), ``K2_REDIS_URL`` (else ``REDIS_URL``), ``K2_TOKEN_ENCRYPTION_KEYS``
+    (comma-separated, the encrypting key first), and the tuning knobs ``K2_REFRESH_AHEAD``,
+    ``K2_MIN_VALIDITY``, ``K2_LOCK_LEASE``, ``K2_WAIT_TIMEOUT``, ``K2_REDIS_TIMEOUT``,
+    ``K2_INVALID_CLIENT_HOLDOFF`` (seconds), ``K2_ON_REDIS_ERROR`` (``fallback`` or
+    ``raise``), ``K2_KEY_PREFIX`` and ``K2_ALLOW_INSECURE_HTTP=1``.
+    """
+    kwargs: dict[str, Any] = {
+        "client_id": env.get("K2_CLIENT_ID", ""),
+        "client_secret": env.get("K2_CLIENT_SECRET", ""),
+        "base_url": env.get("K2_BASE_URL") or SANDBOX_URL,
+        "redis": env.get("K2_REDIS_URL") or env.get("REDIS_URL") or DEFAULT_REDIS_URL,
+    }
+    for name in (
+        "refresh_ahead",
+        "min_validity",
+        "lock_lease",
+        "wait_timeout",
+        "redis_timeout",
+        "invalid_client_holdoff",
+    ):
+        raw = env.get(f"K2_{name.upper()}")
+        if raw:
+            try:
+                kwargs[name] = float(raw)
+            except ValueError:
+                raise ConfigurationError(f"K2_{name.upper()} must be seconds") from None
+    if env.get("K2_KEY_PREFIX"):
+        kwargs["key_prefix"] = env["K2_KEY_PREFIX"]
+    if env.get("K2_ON_REDIS_ERROR"):
+        kwargs["on_redis_error"] = env["K2_ON_REDIS_ERROR"]
+    if env.get(crypto.ENV_KEYS):
+        kwargs["encryption_keys"] = crypto.keys_from_env(env[crypto.ENV_KEYS])
+    if env.get("K2_ALLOW_INSECURE_HTTP", "").lower() in ("1", "true", "yes"):
+        kwargs["allow_insecure_http"] = True
+    kwargs.update(overrides)
+    missing = [n for n in ("client_id", "client_secret") if not kwargs[n]]
+    if missing:
+        names = " and ".join(f"K2_{n.upper()}" for n in missing)
+        raise ConfigurationError(f"{names} must be set (environment or keyword argument)")
+    return kwargs

@@ -105,7 +105,34 @@ def connect(redis_or_url: str | Any, timeout: float, *, asyncio: bool = False) -
             raise ConfigurationError(f"redis URL is not valid: {exc}") from None
     if redis_or_url is None or not hasattr(redis_or_url, "register_script"):
         raise ConfigurationError("redis must be a Redis URL or a redis-py client")
+    _check_side(redis_or_url, asyncio=asyncio)
     return redis_or_url, False
+
+
+_ASYNC_CLIENTS = (redis.asyncio.Redis, AsyncRedisCluster)
+_BLOCKING_CLIENTS = (redis.Redis, RedisCluster)
+
+
+def _check_side(client: Any, *, asyncio: bool) -> None:
+    """A client of the other redis-py family, or one that cannot subscribe, fails here, at
+    construction, not as a raw TypeError or AttributeError at the first wait."""
+    if asyncio and isinstance(client, _BLOCKING_CLIENTS):
+        raise ConfigurationError(
+            "AsyncSharedTokenProvider needs a redis.asyncio client (got a blocking "
+            f"{type(client).__name__}); pass a URL or a redis.asyncio client"
+        )
+    if not asyncio and isinstance(client, _ASYNC_CLIENTS):
+        raise ConfigurationError(
+            f"SharedTokenProvider needs a blocking redis-py client (got a redis.asyncio "
+            f"{type(client).__name__}); use AsyncSharedTokenProvider for asyncio code"
+        )
+    if isinstance(client, (*_ASYNC_CLIENTS, *_BLOCKING_CLIENTS)) and not callable(
+        getattr(type(client), "pubsub", None)
+    ):
+        raise ConfigurationError(
+            f"this redis-py {type(client).__name__} cannot subscribe (no pubsub()), and waiters "
+            "are woken by pub/sub; upgrade redis-py (see the declared floor)"
+        )
 
 
 def topology_client(

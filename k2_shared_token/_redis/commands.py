@@ -1,7 +1,7 @@
 """What each store operation sends to Redis and how its reply is read, written once.
 
-The blocking store (:mod:`.store`, redis-py) and the asyncio store (:mod:`.async_store`,
-``redis.asyncio``) differ only in how they wait for a reply. Everything else (which script,
+The stores (written once in :mod:`k2_shared_token._async.store`, generated for blocking
+redis-py) only send and wait. Everything else (which script,
 which keys, which arguments, what the reply means, what a pub/sub message means) lives here, so
 sync and async workers of one deployment are guaranteed to speak the same protocol to the same
 keys, and share one token and one lock.
@@ -17,11 +17,16 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import redis
+
+from .._core.errors import SharedCacheError
 from .._core.flow import LockAttempt, WaitOutcome, own_snapshot
 from .._core.tokens import IssuedToken, Snapshot, StoredToken, fingerprint_of
 from . import codec
@@ -42,6 +47,36 @@ class Script:
     @classmethod
     def of(cls, source: str) -> Script:
         return cls(source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
+
+
+_LOADED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+def loaded_scripts(client: Any) -> set[str]:
+    """SHA-1s of the scripts this client has run, shared by every store on the client.
+
+    Scripts are sent whole on first use (EVAL), then by SHA (EVALSHA). redis-py's
+    ``register_script`` starts with EVALSHA and, on the NOSCRIPT every fresh process gets, loads
+    the script and calls again: three round trips on the cold path, where a stampeding fleet
+    waits for them; EVAL caches the script as it runs it, so the first call costs one. Keyed by
+    client, so a registry of a thousand namespaces on one client sends each script whole once,
+    not a thousand times. After a Redis restart (empty script cache) one NOSCRIPT costs one more.
+    """
+    try:
+        return _LOADED.setdefault(client, set())
+    except TypeError:  # a client that cannot be weakly referenced: a cache of its own
+        return set()
+
+
+# A cluster client's own failures (no reachable node while it re-reads the slot map, a slot
+# no node serves) are not RedisErrors; to a caller they are Redis failing like any other.
+REDIS_FAILURES = (redis.RedisError, redis.exceptions.RedisClusterException)
+
+
+def cache_error(what: str, exc: BaseException) -> SharedCacheError:
+    """The package's error for a failed Redis call: names the failure class, never its text
+    (which can carry a URL with a password)."""
+    return SharedCacheError(f"Redis failed during {what}: {type(exc).__name__}")
 
 
 READ = Script.of(redis_layout.READ)
@@ -101,7 +136,10 @@ class Namespace:
         self._last_decoded: tuple[bytes, StoredToken] | None = None
         # Owners of lock attempts whose reply never came: Redis may still run them (a healed
         # partition delivers what it held back) and hold the lock a lease long for nobody.
+        # Two threads can fail at once (a caller and the background refresh): the list is
+        # read, changed and written under a lock, or one of them loses the other's entry.
         self._unanswered: list[str] = []
+        self._unanswered_lock = threading.Lock()
 
     def snapshot(self, raw: bytes | str | None, ttl_ms: int) -> Snapshot | None:
         """Decode a raw value, treating anything unreadable or expiring as a miss."""
@@ -231,12 +269,16 @@ class Namespace:
     def unanswered(self, call: Call[Any]) -> None:
         """A call failed without a reply; if it was a lock attempt, release it later."""
         if call.script is TRY_LOCK:
-            self._unanswered = [*self._unanswered[-7:], call.args[0]]
+            with self._unanswered_lock:
+                self._unanswered = [*self._unanswered[-7:], call.args[0]]
 
     def cleanups(self) -> list[Call[bool]]:
         """Owner-only releases of unanswered lock attempts, for the store to send once Redis
         answers again: an orphaned lock would otherwise make the fleet wait out its lease."""
-        owners, self._unanswered = self._unanswered, []
+        if not self._unanswered:  # the common case, without the lock
+            return []
+        with self._unanswered_lock:
+            owners, self._unanswered = self._unanswered, []
         return [self._release(owner, "", "", 0) for owner in owners]
 
     def invalidate(self, token: str) -> Call[bool]:

@@ -20,11 +20,11 @@ from prometheus_client.registry import Collector
 from .._core.metrics import EVENTS, TIMED
 
 if TYPE_CHECKING:
-    from .._provider import SharedTokenProvider
+    from .._core.source import StatsSource
 
 
 class ProviderCollector(Collector):
-    def __init__(self, *providers: SharedTokenProvider) -> None:
+    def __init__(self, *providers: StatsSource) -> None:
         self.providers = providers
 
     def collect(self) -> Iterator[CounterMetricFamily]:
@@ -49,7 +49,7 @@ class ProviderCollector(Collector):
 
 
 def register(
-    *providers: SharedTokenProvider, registry: CollectorRegistry = REGISTRY
+    *providers: StatsSource, registry: CollectorRegistry = REGISTRY
 ) -> ProviderCollector:
     collector = ProviderCollector(*providers)
     registry.register(collector)

@@ -14,11 +14,11 @@ import requests
 from requests.auth import AuthBase
 
 if TYPE_CHECKING:
-    from .._provider import SharedTokenProvider
+    from .._core.source import TokenSource
 
 
 class K2BearerAuth(AuthBase):
-    def __init__(self, provider: SharedTokenProvider) -> None:
+    def __init__(self, provider: TokenSource) -> None:
         self.provider = provider
 
     def __repr__(self) -> str:

@@ -24,13 +24,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .._provider import SharedTokenProvider
+    from .._core.source import TokenSource
 
 
 class SharedTokens:
     """Drop-in for ``k2connect.Tokens`` backed by the shared cache."""
 
-    def __init__(self, provider: SharedTokenProvider) -> None:
+    def __init__(self, provider: TokenSource) -> None:
         self.provider = provider
 
     def __repr__(self) -> str:
@@ -63,7 +63,7 @@ def _is_unauthorized(exc: Exception) -> bool:
 class CurrentTokenService:
     """A k2-connect service that always carries the current shared token."""
 
-    def __init__(self, provider: SharedTokenProvider, factory: Callable[..., Any]) -> None:
+    def __init__(self, provider: TokenSource, factory: Callable[..., Any]) -> None:
         self.provider = provider
         self.factory = factory
         self._lock = threading.Lock()

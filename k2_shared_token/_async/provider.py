@@ -1,0 +1,391 @@
+"""The provider: written once, for asyncio; the blocking provider is generated from this file.
+
+Data flows one way: the caller asks :meth:`AsyncSharedTokenProvider.get`; the per-process copy
+(:class:`.._core.local_copy.LocalCopy`) answers while it is usable; when it is stale (refresh
+window, or older than ``local_max_age``) the refresher refreshes or re-reads it off the
+callers' path while they keep the current token; when this process has nothing usable, the
+in-process single flight lets one caller run the :func:`.._core.flow.obtain` core against Redis
+(the lock attempt reads the token too) and, on a miss, the exchange client.
+
+Hot path: one attribute read, one ``time.monotonic()`` comparison and a counter, no lock, no
+Redis. How stale that copy may be is bounded by ``local_max_age`` and by the refresh window; a
+401 seen through the auths or an :meth:`invalidate` drops it at once.
+
+The decisions are the core's (:mod:`.._core`); this class wires the parts and performs the
+core's effects (:meth:`_drive`), including when a caller is cancelled or interrupted: the
+shared work runs apart from any one caller (:mod:`.._concurrency`), and a flow stopped mid-way
+gives its lock back, or publishes the token it already has, before the interruption goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .. import _concurrency
+from .._concurrency import AsyncFlight, AsyncRefresher
+from .._core import flow, metrics
+from .._core.backoff import BackoffPolicy, LocalFailures, credentials_fingerprint
+from .._core.errors import ConfigurationError, K2TokenError, SharedCacheError
+from .._core.gate import RedisGate
+from .._core.instruments import Instruments
+from .._core.local_copy import LocalCopy
+from .._core.metrics import Hook, Metrics
+from .._core.settings import DEFAULT_REDIS_URL, SANDBOX_URL, Settings, options_from_env
+from .._core.tokens import AccessToken, Held, Snapshot
+from .._core.windows import Windows
+from .._extras import AsyncProviderExtras
+from .._k2.transport import AsyncTransport
+from .._redis import crypto
+from .._redis.clients import connect
+from .._redis.commands import Namespace
+from .._redis.layout import Keys
+from .exchange import AsyncExchangeClient
+from .store import AsyncRedisStore
+
+if TYPE_CHECKING:
+    from .httpx_auth import AsyncK2HttpxAuth
+
+log = logging.getLogger("k2_shared_token")
+
+T = TypeVar("T")
+P = TypeVar("P", bound="AsyncSharedTokenProvider")
+
+
+class AsyncSharedTokenProvider(AsyncProviderExtras):
+    """One K2 access token, shared by every process that uses the same Redis and credentials.
+
+    Build one per process (building it before a fork is fine: children reset what must not be
+    shared) and ask it for a token before each K2 request, or use its auths. The settings are
+    keyword arguments (the README's configuration table lists them); ``redis`` is a URL or a
+    client of this side's redis-py family; ``session`` is this side's HTTP client for the
+    exchange (yours to close), made by the provider when left out.
+    """
+
+    def __init__(
+        self,
+        *,
+        client_id: str,
+        client_secret: str,
+        base_url: str = SANDBOX_URL,
+        redis: str | Any = DEFAULT_REDIS_URL,
+        session: Any = None,
+        hooks: Iterable[Hook] = (),
+        encryption_keys: Iterable[str | bytes] = (),
+        **options: Any,
+    ) -> None:
+        self.settings = s = Settings.build(
+            client_id=client_id, client_secret=client_secret, base_url=base_url, **options
+        )
+        asyncio_client = True  # sync: True -> False
+        client, self._owns_redis = connect(redis, s.redis_timeout, asyncio=asyncio_client)
+        keys = Keys.for_namespace(s.key_prefix, s.namespace)
+        encryption_keys = list(encryption_keys)
+        self._ops = Namespace(
+            keys,
+            s.namespace,
+            s.lock_lease,
+            credentials=credentials_fingerprint(s.client_id, s.client_secret),
+            cipher=crypto.TokenCipher(encryption_keys, keys.token) if encryption_keys else None,
+        )
+        self._windows = Windows(s.refresh_ahead, s.min_validity, s.local_max_age)
+        self._backoff = BackoffPolicy(
+            s.failure_backoff, s.failure_backoff_max, s.invalid_client_holdoff
+        )
+        self._metrics = Metrics(s.namespace, hooks)
+        self._gate = RedisGate(
+            s.namespace, s.redis_cooldown, fallback=s.fallback, counts=self._metrics
+        )
+        self._instruments = Instruments(s.namespace, self._metrics, self._gate)
+        self._local = LocalCopy(
+            self._windows, keep_shared=s.local_cache, recheck_unshared=s.redis_cooldown
+        )
+        # Only the fallback's single-flight leader touches it: no lock needed.
+        self._local_failures = LocalFailures() if s.fallback else None
+        self._store = AsyncRedisStore(client, self._ops)
+        self._exchange = AsyncExchangeClient(s, AsyncTransport(session))
+        self._flight: AsyncFlight[Held] = AsyncFlight()
+        self._refresher = AsyncRefresher(
+            self._refresh_job, self._refresh_crashed, f"k2-token-refresh-{s.namespace}"
+        )
+        self._local.kick = self._refresher.kick
+        self._closed = False
+        _concurrency.reset_in_children(self)
+
+    @classmethod
+    def from_env(cls: type[P], environ: Mapping[str, str] | None = None, **overrides: Any) -> P:
+        """Build from the ``K2_*`` environment (every setting has its variable; the README
+        lists them); keyword arguments override it."""
+        env = os.environ if environ is None else environ
+        return cls(**options_from_env(env, overrides))
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return f"{type(self).__name__}(namespace={s.namespace!r}, base_url={s.base_url!r})"
+
+    @property
+    def namespace(self) -> str:
+        return self.settings.namespace
+
+    @property
+    def keys(self) -> Keys:
+        return self._ops.keys
+
+    # -- the hot path ------------------------------------------------------------------------
+
+    async def get(self) -> AccessToken:
+        """A token with at least ``min_validity`` seconds left (or, right after an exchange,
+        whatever lifetime K2 granted)."""
+        return self._local.token() or await self._get_slow()
+
+    async def get_token(self) -> str:
+        return (await self.get()).value
+
+    # -- the slow path -----------------------------------------------------------------------
+
+    async def _get_slow(self) -> AccessToken:
+        self._check_open()
+        s = self.settings
+        seen: Snapshot | None = None
+        if not s.local_cache:
+            seen = await self._shared_read()
+            shared = self._windows.hold(seen) if seen is not None else None
+            if shared is not None and shared.is_usable(time.monotonic()):
+                self._metrics.record(metrics.SHARED_HIT)
+                return self._handed_out(shared)
+        # Nothing usable in this process: one caller asks Redis (its lock attempt reads the
+        # token too) and the others wait for it. In a cold fleet that is one connection and
+        # one round trip per process, not one per thread or task.
+        held = await self._flight.run(lambda: self._obtain(seen), s.wait_timeout + s.lock_lease)
+        return self._handed_out(held)
+
+    def _handed_out(self, held: Held) -> AccessToken:
+        if not held.is_fresh(time.monotonic()):
+            self._refresher.kick()
+        return held.token
+
+    async def _shared_read(self) -> Snapshot | None:
+        """The L1-less read; in fallback mode a failing Redis reads as a miss."""
+        try:
+            if not self._gate.allowed():
+                return None
+            result: Snapshot | None = await self._redis(self._store.read)
+        except SharedCacheError as exc:
+            self._gate.fallback_or_raise(exc)
+            return None
+        return result
+
+    async def _obtain(self, seen: Snapshot | None) -> Held:
+        held = self._local.still_held()
+        if held is not None:
+            return held
+        generation = self._local.generation
+        obtain = flow.obtain(
+            self._windows,
+            seen,
+            time.monotonic() + self.settings.wait_timeout,
+            time.monotonic,
+            backoff=self._backoff,
+            local=self._local_failures,
+            shared=self._gate.allowed(),
+        )
+        snap, missed = await self._drive(obtain, caller=True)
+        if not missed:
+            self._metrics.record(metrics.SHARED_HIT)
+        return self._local.adopt(snap, generation)
+
+    async def _refresh_job(self) -> float | None:
+        """Refresh or re-confirm the token off the callers' path; returns a pause before the
+        next refresh may run, or None."""
+        held, generation = self._local.held, self._local.generation
+        lifetime = held.lifetime if held is not None else None
+        refresh = flow.refresh(
+            self._windows,
+            lifetime,
+            time.monotonic,
+            backoff=self._backoff,
+            local=self._local_failures,
+            shared=self._gate.allowed(),
+            held_fresh=held is not None and held.is_fresh(time.monotonic()),
+        )
+        try:
+            snap, _ = await self._drive(refresh, caller=False)
+        except K2TokenError as exc:
+            return self._instruments.refresh_failed(exc, self._windows.retry_interval(lifetime))
+        if snap is None:
+            # Nothing newer (the winner announced nothing, or Redis is skipped and our copy is
+            # still fresh): look again after a short pause rather than at every call; during a
+            # Redis outage, no later than the breaker's next probe, so sharing resumes promptly.
+            pause = self._windows.retry_interval(lifetime)
+            return min(pause, self.settings.redis_cooldown) if self._gate.is_open else pause
+        self._local.adopt(snap, generation)
+        return None
+
+    def _refresh_crashed(self, exc: BaseException) -> float:
+        held = self._local.held
+        pause = self._windows.retry_interval(held.lifetime if held is not None else None)
+        return self._instruments.refresh_crashed(exc, pause)
+
+    # -- performing the core's effects -------------------------------------------------------
+
+    async def _drive(self, steps: flow.Flow[T], *, caller: bool) -> tuple[T, bool]:
+        """Run a flow of the core: perform each effect, send back its result or throw its
+        error. Returns the flow's result and whether it waited or exchanged (a miss).
+
+        Anything but a :class:`K2TokenError` (a cancellation, ``KeyboardInterrupt``, a gevent
+        ``Timeout``, a bug) closes the flow; what it holds in Redis is settled first
+        (:class:`.._core.flow.LockGuard`), so the fleet never sits out a lease for it.
+        """
+        guard = flow.LockGuard()
+        missed = False
+        result: Any = None
+        error: K2TokenError | None = None
+        while True:
+            done, value = flow.advance(steps, result, error)
+            if done:
+                return value, missed
+            effect: flow.Effect[Any] = value
+            if caller and not missed and isinstance(effect, (flow.Wait, flow.Exchange)):
+                missed = True
+                self._metrics.record(metrics.MISS)
+            try:
+                result, error = await self._do(effect), None
+            except K2TokenError as exc:
+                result, error = None, exc
+            except BaseException as exc:
+                steps.close()
+                await self._settle(guard.pending(), exc)
+                raise
+            else:
+                guard.saw(effect, result)
+
+    async def _settle(self, pending: flow.Effect[Any] | None, exc: BaseException) -> None:
+        if pending is None:
+            return
+        publish = isinstance(pending, flow.Publish)
+        settled = "published its token" if publish else "released its lock"
+        try:
+            await self._do(pending)
+        except Exception as failure:
+            settled = f"could not settle its lock ({type(failure).__name__}); its lease frees it"
+        self._instruments.interrupted(settled, exc)
+
+    async def _do(self, effect: flow.Effect[Any]) -> Any:
+        """Perform one effect, with its metrics and logs."""
+        if self._closed and not isinstance(effect, (flow.Publish, flow.Release)):
+            raise ConfigurationError(f"{type(self).__name__} is closed")
+        started = time.monotonic()
+        try:
+            result = await self._perform(effect)
+        except K2TokenError:
+            self._instruments.failed(effect, started)
+            raise
+        self._instruments.performed(effect, result, started)
+        return result
+
+    async def _perform(self, effect: flow.Effect[Any]) -> Any:
+        store = self._store
+        match effect:
+            case flow.Exchange():
+                return await self._exchange.fetch()
+            case flow.TryLock(min_ttl_ms=min_ttl_ms):
+                return await self._redis(store.try_lock, min_ttl_ms)
+            case flow.Publish(lock=lock, issued=issued):
+                return await self._redis(store.publish, lock, issued)
+            case flow.Release(lock=lock, error_code=code, holdoff_ms=ms, credentials=creds):
+                return await self._redis(store.release, lock, code, ms, creds)
+            case flow.Wait(timeout=timeout, min_ttl_ms=min_ttl_ms):
+                return await self._redis(store.wait, timeout, min_ttl_ms)
+        raise TypeError(f"unknown effect {effect!r}")  # pragma: no cover
+
+    async def _redis(self, method: Any, *args: Any) -> Any:
+        """One Redis call, behind the circuit breaker."""
+        try:
+            result = await method(*args)
+        except SharedCacheError as exc:
+            self._gate.failed(exc)
+            raise
+        self._gate.answered()
+        return result
+
+    # -- invalidation and auth ---------------------------------------------------------------
+
+    async def invalidate(self, token: str | AccessToken) -> bool:
+        """Forget ``token`` here and, if it is still the shared one, in Redis.
+
+        Compare-and-delete: a hundred workers reporting the same dead token cause one refresh,
+        and a worker reporting an old token never deletes the new one. True if Redis held it.
+        With Redis unavailable (fallback mode) only the local copy is dropped.
+        """
+        value = token.value if isinstance(token, AccessToken) else token
+        self._local.forget(value)
+        try:
+            deleted = bool(
+                self._gate.allowed() and await self._redis(self._store.invalidate, value)
+            )
+        except SharedCacheError as exc:
+            self._gate.fallback_or_raise(exc)
+            deleted = False
+        return self._instruments.invalidated(value, deleted)
+
+    def httpx_auth(self) -> AsyncK2HttpxAuth:
+        """An ``httpx.Auth`` that sends ``Authorization: Bearer ...`` and, on a 401, invalidates
+        the token and retries the request once with a fresh one (needs httpx)."""
+        from .httpx_auth import AsyncK2HttpxAuth  # noqa: PLC0415 - httpx is optional
+
+        return AsyncK2HttpxAuth(self)
+
+    # -- introspection -----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, float]:
+        """This process's counters (see :mod:`.._core.metrics`) and time sums
+        (``<event>_seconds``)."""
+        out: dict[str, float] = {metrics.LOCAL_HIT: self._local.hits}
+        out.update(self._metrics.counts())
+        out.update({f"{name}_seconds": t for name, t in self._metrics.seconds().items()})
+        return out
+
+    async def status(self) -> dict[str, Any]:
+        """The namespace's shared state in Redis, for operators; never the token itself."""
+        return await self._store.status()
+
+    async def wait_for_refresh(self, timeout: float | None = None) -> bool:
+        """Wait until no early refresh is running (tests, orderly shutdown). True if idle."""
+        return await self._refresher.join(timeout)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConfigurationError(f"{type(self).__name__} is closed")
+
+    def _reset_after_fork(self) -> None:
+        self._local.reset_after_fork()
+        self._metrics.reset_after_fork()
+        self._flight = AsyncFlight()
+        self._refresher = self._refresher.after_fork()
+        self._local.kick = self._refresher.kick
+        self._exchange.transport.reset_after_fork()
+
+    async def aclose(self) -> None:
+        """Stop for good: later calls raise :class:`ConfigurationError`. A running refresh is
+        stopped (its lock settled) before the clients this provider made are closed, so
+        nothing reopens them."""
+        if self._closed:
+            return
+        self._closed = True
+        self._local.drop()
+        await self._refresher.aclose()
+        await self._exchange.transport.aclose()
+        if self._owns_redis:
+            await self._store.client.aclose()
+        _concurrency.forget_in_children(self)
+
+    async def __aenter__(self) -> AsyncSharedTokenProvider:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,97 @@
+"""This process's copy of the shared token (L1): the hot path and the rules for replacing it.
+
+A warm call is one attribute read and one ``time.monotonic()`` comparison: no lock, no I/O.
+Replacing the copy takes a lock, because two writers race for it: a finished exchange or
+refresh adopting a token, and a 401 (or :meth:`forget`) dropping it. Without the lock an
+invalidation landing between the adopter's generation check and its assignment would be undone,
+and the process would keep handing out the token it was just told is dead.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from .tokens import AccessToken, Held, Snapshot
+from .windows import Windows
+
+
+def _no_kick() -> None:
+    return None
+
+
+class LocalCopy:
+    def __init__(self, windows: Windows, *, keep_shared: bool, recheck_unshared: float) -> None:
+        """``keep_shared``: keep tokens that Redis also has (``local_cache``); without it only
+        the fallback's own token is kept, or an outage would cost an exchange per call.
+        ``recheck_unshared``: how soon a token Redis does not have is checked against Redis
+        again (the breaker's cooldown), so sharing resumes soon after Redis answers."""
+        self.windows = windows
+        self.held: Held | None = None
+        self.hits = 0  # a bare int bumped on the hot path: may lag a little, never locks
+        self.kick: Callable[[], None] = _no_kick  # wakes the background refresh
+        self._keep_shared = keep_shared
+        self._recheck_unshared = recheck_unshared
+        self._generation = 0
+        self._lock = threading.Lock()
+
+    def token(self) -> AccessToken | None:
+        """The copy while it is usable (kicking a refresh once it is stale), else None."""
+        held = self.held
+        if held is not None:
+            now = time.monotonic()
+            if now < held.recheck_at:
+                self.hits += 1
+                return held.token
+            if now < held.usable_until:
+                self.hits += 1
+                self.kick()
+                return held.token
+        return None
+
+    @property
+    def generation(self) -> int:
+        """Read before a flow starts; :meth:`adopt` refuses a token if it changed meanwhile."""
+        return self._generation
+
+    def still_held(self) -> Held | None:
+        """The copy another caller obtained while this one queued: taking it saves an exchange
+        (the fallback, which has no Redis to re-read)."""
+        held = self.held
+        return held if held is not None and held.is_usable(time.monotonic()) else None
+
+    def adopt(self, snap: Snapshot, generation: int) -> Held:
+        """Keep ``snap`` as this process's copy, unless an invalidation happened since
+        ``generation`` was read. Returns the token as held, kept or not."""
+        held = self.windows.hold(snap)
+        shared = snap.stored.fence > 0
+        if not shared:
+            probe_at = time.monotonic() + self._recheck_unshared
+            kept: Held | None = replace(held, recheck_at=min(held.recheck_at, probe_at))
+        else:
+            kept = held if self._keep_shared else None
+        with self._lock:
+            if generation == self._generation:
+                self.held = kept
+        return held
+
+    def forget(self, value: str) -> None:
+        """Drop the copy if it is ``value`` (a 401 or an invalidate)."""
+        with self._lock:
+            held = self.held
+            if held is not None and held.token.value == value:
+                self._generation += 1
+                self.held = None
+
+    def drop(self) -> None:
+        """Drop whatever is held (the provider is closing)."""
+        with self._lock:
+            self._generation += 1
+            self.held = None
+
+    def reset_after_fork(self) -> None:
+        """A child keeps the still-valid token but not a lock another thread may have held."""
+        self._lock = threading.Lock()
+        self.hits = 0

@@ -1,0 +1,37 @@
+"""What the integrations need of a provider: a token, and a way to report one dead.
+
+The requests and httpx auths, the k2-connect adapters and the metrics exporters depend on these
+small protocols, not on the provider classes, so no import cycle runs through them (not even for
+the type checker) and anything with the same methods (a test double, a wrapper) plugs in.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .tokens import AccessToken
+
+
+class TokenSource(Protocol):
+    def get(self) -> AccessToken: ...
+
+    def get_token(self) -> str: ...
+
+    def invalidate(self, token: str | AccessToken) -> bool: ...
+
+
+class AsyncTokenSource(Protocol):
+    async def get(self) -> AccessToken: ...
+
+    async def get_token(self) -> str: ...
+
+    async def invalidate(self, token: str | AccessToken) -> bool: ...
+
+
+class StatsSource(Protocol):
+    """What the metrics exporters read: a provider of either side."""
+
+    @property
+    def namespace(self) -> str: ...
+
+    def stats(self) -> dict[str, float]: ...
