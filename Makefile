@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint pytest bench clean
+.PHONY: demo test lint pytest test-floors bench clean
 
 $(VENV)/.embedded: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,23 @@ lint: $(VENV)/.test
 pytest: $(VENV)/.test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test: lint pytest
+test: lint pytest test-floors
+
+# A quick subset of the suite with the runtime dependencies at their declared floors.
+FLOORS := .venv-floors
+FLOORS_TESTS := tests/test_flow.py tests/test_wire.py tests/test_provider.py \
+	tests/test_async_provider.py tests/test_interruption.py tests/test_registry.py
+
+$(FLOORS)/.ok: pyproject.toml tests/floors.txt
+	$(PYTHON) -m venv $(FLOORS)
+	$(FLOORS)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOORS)/bin/python -m pip install --quiet -c tests/floors.txt -e '.[embedded,asyncio]' \
+		pytest pytest-timeout hypothesis trustme
+	touch $@
+
+test-floors: $(FLOORS)/.ok
+	$(FLOORS)/bin/python -m pip freeze | grep -iE '^(redis|requests|urllib3|tenacity|httpx)=='
+	$(FLOORS)/bin/python -m pytest -q -m 'not fleet' -p no:cacheprovider $(FLOORS_TESTS)
 
 $(VENV)/.bench: pyproject.toml $(VENV)/.embedded
 	$(PY) -m pip install --quiet -e '.[embedded,bench]'
@@ -39,4 +55,4 @@ bench: $(VENV)/.bench
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FLOORS) .pytest_cache .mypy_cache .ruff_cache

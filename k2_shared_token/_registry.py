@@ -20,7 +20,6 @@ the new one; the namespace, hence the shared token, stays the same.
 from __future__ import annotations
 
 import hmac
-import inspect
 import os
 import threading
 import weakref
@@ -30,6 +29,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 from ._core.errors import ConfigurationError
 from ._core.settings import (
     DEFAULT_REDIS_URL,
+    OPTION_NAMES,
     SANDBOX_URL,
     Settings,
     namespace_for,
@@ -51,10 +51,8 @@ P = TypeVar("P", bound=_Provider)
 # what identifies one provider (given to provider()) and the Redis client (the registry's own).
 _PER_PROVIDER = frozenset({"client_id", "client_secret"})
 _OWN = frozenset({"self", "redis", "base_url"})
-_SHARED = frozenset({"session", "hooks", "encryption_keys"}) | (
-    frozenset(inspect.signature(Settings.build).parameters) - _PER_PROVIDER - _OWN
-)
-_SETTINGS = frozenset(inspect.signature(Settings.build).parameters) - _PER_PROVIDER - _OWN
+_SHARED = frozenset({"session", "hooks"}) | (OPTION_NAMES - _PER_PROVIDER - _OWN)
+_SETTINGS = OPTION_NAMES - _PER_PROVIDER - _OWN
 
 _live: weakref.WeakSet[RegistryBase[Any]] = weakref.WeakSet()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,8 +14,12 @@ from k2_shared_token._core.settings import (
     PRODUCTION_URL,
     SANDBOX_URL,
     Settings,
+    configuration_table,
+    env_name,
+    knobs,
     namespace_for,
     normalise_base_url,
+    options_from_env,
 )
 
 CLIENT_ID = "acme-payments-client-id-7f3a"
@@ -308,3 +313,36 @@ def test_settings_are_frozen() -> None:
     settings = build()
     with pytest.raises(AttributeError):
         settings.client_secret = "other"  # type: ignore[misc]
+
+
+# -- each setting declared once --------------------------------------------------------------
+
+
+def test_the_readme_configuration_table_is_the_declarations() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert configuration_table() in readme, "README table is stale: paste configuration_table()"
+
+
+def test_from_env_reads_every_setting() -> None:
+    samples = {"seconds": "7", "keys": "a,b"}
+    env = {"K2_CLIENT_ID": "id", "K2_CLIENT_SECRET": "secret"}
+    for f in knobs():
+        kind = f.metadata["kind"]
+        raw = {
+            "on_redis_error": "raise",
+            "base_url": "https://sandbox.kopokopo.com",
+            "key_prefix": "tenant-a",
+            "max_attempts": "3",
+            "local_cache": "0",
+            "allow_insecure_http": "1",
+            "encryption_keys": samples["keys"],
+        }.get(f.name, samples["seconds"])
+        env.setdefault(env_name(f), raw)
+        assert kind.parse(env[env_name(f)]) is not None or f.name == "exchange_deadline"
+    options = options_from_env(env, {})
+    assert set(options) - {"redis"} == {f.name for f in knobs()}
+
+
+def test_an_unknown_setting_is_refused_by_name() -> None:
+    with pytest.raises(ConfigurationError, match=r"unknown setting.*refresh_ahed"):
+        Settings.build(client_id="id", client_secret="secret", refresh_ahed=10)

@@ -26,7 +26,15 @@ from .._core.errors import (
     K2TokenError,
     SharedCacheError,
 )
-from .._core.settings import DEFAULT_REDIS_URL, SANDBOX_URL, namespace_for, normalise_base_url
+from .._core.settings import (
+    DEFAULT_REDIS_URL,
+    IDENTITY,
+    SANDBOX_URL,
+    env_name,
+    knobs,
+    namespace_for,
+    normalise_base_url,
+)
 from .._redis import crypto
 from .._version import __version__
 
@@ -87,19 +95,40 @@ def _store(args: argparse.Namespace) -> RedisStore:
 def _get(args: argparse.Namespace) -> int:
     from .._sync.provider import SharedTokenProvider  # noqa: PLC0415
 
-    if not (args.client_id and args.client_secret):
-        raise ConfigurationError("K2_CLIENT_ID and K2_CLIENT_SECRET must be set")
-    with SharedTokenProvider(
-        client_id=args.client_id,
-        client_secret=args.client_secret,
-        base_url=args.base_url,
-        redis=args.redis_url,
-        key_prefix=args.key_prefix,
-        on_redis_error="raise",  # a command reports an unreachable Redis rather than hide it
-        encryption_keys=crypto.keys_from_env(os.environ.get(crypto.ENV_KEYS, "")),
-    ) as provider:
+    given = {f.name: getattr(args, f.name, None) for f in knobs()}
+    given |= {
+        "client_id": args.client_id,
+        "client_secret": args.client_secret,
+        "base_url": args.base_url,
+        "redis": args.redis_url,
+        "key_prefix": args.key_prefix,
+        "on_redis_error": "raise",  # a command reports an unreachable Redis rather than hide it
+    }
+    overrides = {name: value for name, value in given.items() if value is not None}
+    with SharedTokenProvider.from_env(os.environ, **overrides) as provider:
         print(provider.get_token())
     return 0
+
+
+def _tuning_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag per setting, from its declaration (``--refresh-ahead`` for ``refresh_ahead``)."""
+    for f in knobs():
+        if f.name in IDENTITY or f.name in ("key_prefix", "on_redis_error", "encryption_keys"):
+            continue
+        kind = f.metadata["kind"]
+
+        def parse(raw: str, kind: Any = kind) -> Any:
+            try:
+                return kind.parse(raw)
+            except ConfigurationError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=parse,
+            help=f"{f.metadata['doc']} (default: {kind.show(f.default)}; ${env_name(f)})",
+        )
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -177,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("get", _get, 'print a valid token, e.g. for curl -H "Authorization: Bearer ..."')
     _config_flags(p, secret=True)
+    _tuning_flags(p)
     p = command("status", _status, "show the shared token, the refresh lock and counters")
     _config_flags(p, secret=False)
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -1,4 +1,5 @@
-"""Provider settings: validated once, at construction, so bad configuration fails fast.
+"""Provider settings, each declared once (:class:`Settings`), validated at construction so bad
+configuration fails fast.
 
 Everything that changes which token is right (the normalised base URL and the client id) goes
 into the namespace hash, so two applications, or sandbox and production, can never share a token.
@@ -11,8 +12,8 @@ import hashlib
 import ipaddress
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import Field, dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -83,179 +84,249 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Validated, immutable settings shared by the sync and asyncio providers."""
+class Kind:
+    """How a knob's value is checked, read from its environment variable, and shown."""
 
-    client_id: str
-    client_secret: str = field(repr=False)
-    base_url: str
-    key_prefix: str
-    refresh_ahead: float
-    min_validity: float
-    lock_lease: float
-    wait_timeout: float
-    exchange_deadline: float
-    connect_timeout: float
-    read_timeout: float
-    max_attempts: int
-    local_cache: bool
-    local_max_age: float
-    namespace: str
-    on_redis_error: str = "fallback"
-    redis_timeout: float = 1.0
-    redis_cooldown: float = 5.0
-    invalid_client_holdoff: float = 60.0
-    failure_backoff: float = 1.0
-    failure_backoff_max: float = 60.0
+    check: Callable[[str, Any], Any]
+    parse: Callable[[str], Any]
+    show: Callable[[Any], str] = str
+
+
+def _seconds(*, allow_zero: bool = False) -> Kind:
+    def parse(raw: str) -> float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigurationError(f"{raw!r} is not a number of seconds") from None
+
+    return Kind(lambda n, v: _positive(n, v, allow_zero=allow_zero), parse, lambda v: f"{v:g} s")
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be an integer >= 1 (got {value!r})")
+    return value
+
+
+def _parse_count(raw: str) -> int:
+    if not raw.strip().isdigit():
+        raise ConfigurationError(f"{raw!r} is not a whole number")
+    return int(raw)
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(f"{name} must be a non-empty string")
+    return value
+
+
+def _prefix(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not _PREFIX_RE.fullmatch(value):
+        raise ConfigurationError(
+            f"{name} must be 1-64 characters of letters, digits, '_', '.', ':' or '-' "
+            "(no braces: the namespace supplies the Redis Cluster hash tag)"
+        )
+    return value
+
+
+def _choice(*choices: str) -> Kind:
+    def check(name: str, value: Any) -> str:
+        if value not in choices:
+            raise ConfigurationError(
+                f"{name} must be {' or '.join(repr(c) for c in choices)} (got {value!r})"
+            )
+        return str(value)
+
+    return Kind(check, str.strip, lambda v: f"`{v}`")
+
+
+def _keys(name: str, value: Any) -> tuple[str | bytes, ...]:
+    if isinstance(value, (str, bytes)):
+        raise ConfigurationError(f"{name} must be a list of keys, not one string")
+    return tuple(value)
+
+
+SECONDS = _seconds()
+SECONDS_OR_ZERO = _seconds(allow_zero=True)
+# Left out (None): derived from the lock lease, in Settings.build.
+DERIVED_SECONDS = Kind(
+    lambda n, v: None if v is None else _positive(n, v),
+    SECONDS.parse,
+    lambda v: "0.8 x `lock_lease`",
+)
+COUNT = Kind(_count, _parse_count)
+FLAG = Kind(
+    lambda n, v: bool(v), lambda raw: raw.strip().lower() in ("1", "true", "yes", "on"),
+    lambda v: "on" if v else "off",
+)  # fmt: skip
+REQUIRED = Kind(_text, str.strip, lambda v: "required")
+TEXT = Kind(_text, str.strip, lambda v: f"`{v}`")
+PREFIX = Kind(_prefix, str.strip, lambda v: f"`{v}`")
+KEYS = Kind(_keys, crypto.keys_from_env, lambda v: "none")
+
+
+def knob(default: Any, doc: str, kind: Kind, *, env: str = "", secret: bool = False) -> Any:
+    """One setting, declared once: its name and type are the field's, the rest is here. The
+    environment variable is ``K2_<NAME>`` unless ``env`` says otherwise."""
+    return field(default=default, repr=not secret, metadata={"doc": doc, "kind": kind, "env": env})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of a provider, validated once, at construction.
+
+    Each field below is one knob: its name, type, default, validation (its :class:`Kind`),
+    environment variable and one line of doc. The providers, the registry, ``from_env``, the
+    command line and the README's configuration table are all derived from these fields.
+    """
+
+    client_id: str = knob("", "the K2 application's client id", REQUIRED)
+    client_secret: str = knob("", "its secret (never leaves the process)", REQUIRED, secret=True)
+    base_url: str = knob(SANDBOX_URL, "K2's base URL (`PRODUCTION_URL` for production)", TEXT)
+    refresh_ahead: float = knob(
+        300.0,
+        "below this much lifetime left, one worker in the fleet refreshes in the background; "
+        "everyone keeps getting the current token",
+        SECONDS,
+    )
+    min_validity: float = knob(
+        30.0, "a token with less left is never handed out; callers wait for a new one",
+        SECONDS_OR_ZERO,
+    )  # fmt: skip
+    lock_lease: float = knob(15.0, "how long the refresh lock lives if its holder dies", SECONDS)
+    wait_timeout: float = knob(
+        20.0, "how long a caller waits for another worker's exchange before "
+        "`TokenUnavailableError`", SECONDS,
+    )  # fmt: skip
+    exchange_deadline: float = knob(
+        None, "the exchange with all its retries ends by then, inside the lease", DERIVED_SECONDS
+    )
+    connect_timeout: float = knob(3.05, "connect timeout per attempt, clipped to the deadline",
+                                  SECONDS)  # fmt: skip
+    read_timeout: float = knob(10.0, "read timeout per attempt, clipped to the deadline", SECONDS)
+    max_attempts: int = knob(
+        4, "exchange attempts (5xx, 429, 408, timeouts, garbage replies are retried)", COUNT
+    )
+    local_cache: bool = knob(True, "per-process copy; off means one Redis round trip per call",
+                             FLAG)  # fmt: skip
+    local_max_age: float = knob(
+        60.0, "longest a warm worker trusts its copy before re-reading Redis (in the background)",
+        SECONDS,
+    )  # fmt: skip
+    redis_timeout: float = knob(1.0, "connect and socket timeout of the Redis client we create",
+                                SECONDS)  # fmt: skip
+    on_redis_error: str = knob(
+        "fallback", "Redis failing: `fallback` serves a process-local token (see Failure "
+        "behaviour); `raise` raises `SharedCacheError`", _choice("fallback", "raise"),
+    )  # fmt: skip
+    redis_cooldown: float = knob(
+        5.0, "after a Redis failure, how long the circuit breaker skips Redis before one call "
+        "probes it again", SECONDS,
+    )  # fmt: skip
+    invalid_client_holdoff: float = knob(
+        60.0, "after `invalid_client`, how long the whole fleet raises without asking K2 (not for "
+        "a different secret)", SECONDS_OR_ZERO,
+    )  # fmt: skip
+    failure_backoff: float = knob(
+        1.0, "fleet-wide hold-off after a failed exchange, doubling per failure in a row, at "
+        "least `Retry-After` (capped at 1 h)", SECONDS,
+    )  # fmt: skip
+    failure_backoff_max: float = knob(60.0, "the longest such hold-off", SECONDS)
+    encryption_keys: tuple[str | bytes, ...] = knob(
+        (), "AES-256-GCM keys for the token at rest (first encrypts, all decrypt; "
+        "comma-separated in the environment); the `encryption` extra", KEYS,
+        env=crypto.ENV_KEYS, secret=True,
+    )  # fmt: skip
+    key_prefix: str = knob("k2", "first part of every key", PREFIX)
+    allow_insecure_http: bool = knob(
+        False, "`http://` is refused except for loopback hosts", FLAG
+    )
+    namespace: str = field(default="")  # derived: the hash of base URL and client id
 
     @property
     def fallback(self) -> bool:
         """Carry on without Redis (process-local token) when it fails, rather than raise."""
         return self.on_redis_error == "fallback"
 
-    @classmethod
-    def build(
-        cls,
-        *,
-        client_id: str,
-        client_secret: str,
-        base_url: str = SANDBOX_URL,
-        key_prefix: str = "k2",
-        refresh_ahead: float = 300,
-        min_validity: float = 30,
-        lock_lease: float = 15,
-        wait_timeout: float = 20,
-        exchange_deadline: float | None = None,
-        connect_timeout: float = 3.05,
-        read_timeout: float = 10,
-        max_attempts: int = 4,
-        local_cache: bool = True,
-        local_max_age: float = 60,
-        allow_insecure_http: bool = False,
-        on_redis_error: str = "fallback",
-        redis_timeout: float = 1.0,
-        redis_cooldown: float = 5.0,
-        invalid_client_holdoff: float = 60.0,
-        failure_backoff: float = 1.0,
-        failure_backoff_max: float = 60.0,
-    ) -> Settings:
-        for name, value in (("client_id", client_id), ("client_secret", client_secret)):
-            if not isinstance(value, str) or not value.strip():
-                raise ConfigurationError(f"{name} must be a non-empty string")
-        url = normalise_base_url(base_url, allow_insecure_http=allow_insecure_http)
-        if not isinstance(key_prefix, str) or not _PREFIX_RE.fullmatch(key_prefix):
-            raise ConfigurationError(
-                "key_prefix must be 1-64 characters of letters, digits, '_', '.', ':' or '-' "
-                "(no braces: the namespace supplies the Redis Cluster hash tag)"
-            )
-        refresh_ahead = _positive("refresh_ahead", refresh_ahead)
-        min_validity = _positive("min_validity", min_validity, allow_zero=True)
-        if min_validity >= refresh_ahead:
-            raise ConfigurationError(
-                f"min_validity ({min_validity}) must be smaller than refresh_ahead "
-                f"({refresh_ahead}): the early-refresh window lies between them"
-            )
-        lock_lease = _positive("lock_lease", lock_lease)
-        wait_timeout = _positive("wait_timeout", wait_timeout)
-        # The exchange, retries included, must end inside the lease; otherwise a second worker
-        # takes the lock while the first is still talking to K2 and the fleet exchanges twice.
-        deadline = lock_lease * 0.8 if exchange_deadline is None else exchange_deadline
-        deadline = _positive("exchange_deadline", deadline)
-        if deadline >= lock_lease:
-            raise ConfigurationError(
-                f"exchange_deadline ({deadline}) must be shorter than lock_lease ({lock_lease})"
-            )
-        connect_timeout = _positive("connect_timeout", connect_timeout)
-        read_timeout = _positive("read_timeout", read_timeout)
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-            raise ConfigurationError(f"max_attempts must be an integer >= 1 (got {max_attempts!r})")
-        local_max_age = _positive("local_max_age", local_max_age)
-        if on_redis_error not in ("fallback", "raise"):
-            raise ConfigurationError(
-                f"on_redis_error must be 'fallback' or 'raise' (got {on_redis_error!r})"
-            )
-        redis_timeout = _positive("redis_timeout", redis_timeout)
-        redis_cooldown = _positive("redis_cooldown", redis_cooldown)
-        invalid_client_holdoff = _positive(
-            "invalid_client_holdoff", invalid_client_holdoff, allow_zero=True
-        )
-        failure_backoff = _positive("failure_backoff", failure_backoff)
-        failure_backoff_max = _positive("failure_backoff_max", failure_backoff_max)
-        if failure_backoff_max < failure_backoff:
-            raise ConfigurationError(
-                f"failure_backoff_max ({failure_backoff_max}) must be at least "
-                f"failure_backoff ({failure_backoff})"
-            )
-        return cls(
-            client_id=client_id,
-            client_secret=client_secret,
-            base_url=url,
-            key_prefix=key_prefix,
-            refresh_ahead=refresh_ahead,
-            min_validity=min_validity,
-            lock_lease=lock_lease,
-            wait_timeout=wait_timeout,
-            exchange_deadline=deadline,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            max_attempts=max_attempts,
-            local_cache=bool(local_cache),
-            local_max_age=local_max_age,
-            namespace=namespace_for(url, client_id),
-            on_redis_error=on_redis_error,
-            redis_timeout=redis_timeout,
-            redis_cooldown=redis_cooldown,
-            invalid_client_holdoff=invalid_client_holdoff,
-            failure_backoff=failure_backoff,
-            failure_backoff_max=failure_backoff_max,
-        )
-
     @property
     def token_url(self) -> str:
         return self.base_url + "/oauth/token"
 
+    @classmethod
+    def build(cls, **options: Any) -> Settings:
+        unknown = sorted(set(options) - OPTION_NAMES)
+        if unknown:
+            raise ConfigurationError(f"unknown setting(s): {', '.join(unknown)}")
+        v = {f.name: _kind(f).check(f.name, options.get(f.name, f.default)) for f in knobs()}
+        v["base_url"] = normalise_base_url(
+            v["base_url"], allow_insecure_http=v["allow_insecure_http"]
+        )
+        if v["min_validity"] >= v["refresh_ahead"]:
+            raise ConfigurationError(
+                f"min_validity ({v['min_validity']}) must be smaller than refresh_ahead "
+                f"({v['refresh_ahead']}): the early-refresh window lies between them"
+            )
+        # The exchange, retries included, must end inside the lease; otherwise a second worker
+        # takes the lock while the first is still talking to K2 and the fleet exchanges twice.
+        if v["exchange_deadline"] is None:
+            v["exchange_deadline"] = v["lock_lease"] * 0.8
+        if v["exchange_deadline"] >= v["lock_lease"]:
+            raise ConfigurationError(
+                f"exchange_deadline ({v['exchange_deadline']}) must be shorter than lock_lease "
+                f"({v['lock_lease']})"
+            )
+        if v["failure_backoff_max"] < v["failure_backoff"]:
+            raise ConfigurationError(
+                f"failure_backoff_max ({v['failure_backoff_max']}) must be at least "
+                f"failure_backoff ({v['failure_backoff']})"
+            )
+        return cls(**v, namespace=namespace_for(v["base_url"], v["client_id"]))
+
+
+def knobs() -> tuple[Field[Any], ...]:
+    """The settings' declarations, in the README's order."""
+    return tuple(f for f in fields(Settings) if "kind" in f.metadata)
+
+
+def _kind(f: Field[Any]) -> Kind:
+    kind: Kind = f.metadata["kind"]
+    return kind
+
+
+def env_name(f: Field[Any]) -> str:
+    return str(f.metadata["env"] or f"K2_{f.name.upper()}")
+
+
+OPTION_NAMES = frozenset(f.name for f in knobs())
+IDENTITY = frozenset({"client_id", "client_secret", "base_url"})
+
 
 def options_from_env(env: Mapping[str, str], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """A provider's keyword arguments from the ``K2_*`` environment, then ``overrides``.
-
-    Required: ``K2_CLIENT_ID``, ``K2_CLIENT_SECRET``. Optional: ``K2_BASE_URL`` (default:
-    sandbox), ``K2_REDIS_URL`` (else ``REDIS_URL``), ``K2_TOKEN_ENCRYPTION_KEYS``
-    (comma-separated, the encrypting key first), and the tuning knobs ``K2_REFRESH_AHEAD``,
-    ``K2_MIN_VALIDITY``, ``K2_LOCK_LEASE``, ``K2_WAIT_TIMEOUT``, ``K2_REDIS_TIMEOUT``,
-    ``K2_INVALID_CLIENT_HOLDOFF`` (seconds), ``K2_ON_REDIS_ERROR`` (``fallback`` or
-    ``raise``), ``K2_KEY_PREFIX`` and ``K2_ALLOW_INSECURE_HTTP=1``.
-    """
+    """A provider's keyword arguments from the environment (every setting's variable, and
+    ``K2_REDIS_URL``, else ``REDIS_URL``), then ``overrides``."""
     kwargs: dict[str, Any] = {
-        "client_id": env.get("K2_CLIENT_ID", ""),
-        "client_secret": env.get("K2_CLIENT_SECRET", ""),
-        "base_url": env.get("K2_BASE_URL") or SANDBOX_URL,
         "redis": env.get("K2_REDIS_URL") or env.get("REDIS_URL") or DEFAULT_REDIS_URL,
     }
-    for name in (
-        "refresh_ahead",
-        "min_validity",
-        "lock_lease",
-        "wait_timeout",
-        "redis_timeout",
-        "invalid_client_holdoff",
-    ):
-        raw = env.get(f"K2_{name.upper()}")
-        if raw:
+    for f in knobs():
+        raw = env.get(env_name(f), "")
+        if raw.strip():
             try:
-                kwargs[name] = float(raw)
-            except ValueError:
-                raise ConfigurationError(f"K2_{name.upper()} must be seconds") from None
-    if env.get("K2_KEY_PREFIX"):
-        kwargs["key_prefix"] = env["K2_KEY_PREFIX"]
-    if env.get("K2_ON_REDIS_ERROR"):
-        kwargs["on_redis_error"] = env["K2_ON_REDIS_ERROR"]
-    if env.get(crypto.ENV_KEYS):
-        kwargs["encryption_keys"] = crypto.keys_from_env(env[crypto.ENV_KEYS])
-    if env.get("K2_ALLOW_INSECURE_HTTP", "").lower() in ("1", "true", "yes"):
-        kwargs["allow_insecure_http"] = True
+                kwargs[f.name] = _kind(f).parse(raw)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"{env_name(f)}: {exc}") from None
     kwargs.update(overrides)
-    missing = [n for n in ("client_id", "client_secret") if not kwargs[n]]
+    missing = [n for n in ("client_id", "client_secret") if not kwargs.get(n)]
     if missing:
-        names = " and ".join(f"K2_{n.upper()}" for n in missing)
+        names = " and ".join(env_name(Settings.__dataclass_fields__[n]) for n in missing)
         raise ConfigurationError(f"{names} must be set (environment or keyword argument)")
     return kwargs
+
+
+def configuration_table() -> str:
+    """The README's configuration table, made from the declarations (a test keeps it equal)."""
+    rows = ["| keyword | environment | default | meaning |", "|---|---|---|---|"]
+    rows += [
+        f"| `{f.name}` | `{env_name(f)}` | {_kind(f).show(f.default)} | {f.metadata['doc']} |"
+        for f in knobs()
+    ]
+    return "\n".join(rows)

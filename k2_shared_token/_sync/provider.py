@@ -75,16 +75,15 @@ class SharedTokenProvider(ProviderExtras):
         redis: str | Any = DEFAULT_REDIS_URL,
         session: Any = None,
         hooks: Iterable[Hook] = (),
-        encryption_keys: Iterable[str | bytes] = (),
         **options: Any,
     ) -> None:
         self.settings = s = Settings.build(
             client_id=client_id, client_secret=client_secret, base_url=base_url, **options
-        )
+        )  # every other setting is a Settings field: the README's table lists them
         asyncio_client = False
         client, self._owns_redis = connect(redis, s.redis_timeout, asyncio=asyncio_client)
         keys = Keys.for_namespace(s.key_prefix, s.namespace)
-        encryption_keys = list(encryption_keys)
+        encryption_keys = list(s.encryption_keys)
         self._ops = Namespace(
             keys,
             s.namespace,
