@@ -69,7 +69,8 @@ def test_invalidate_compare_and_delete_then_force(
     assert main(["invalidate", "--token", "not-the-token", *base]) == 0
     assert "not deleted" in capsys.readouterr().out
     assert redis_client.exists(provider.keys.token)
-    assert main(["invalidate", "--token", token, *base]) == 0
+    # "--token=..." form: a token may start with "-", which argparse takes for an option.
+    assert main(["invalidate", f"--token={token}", *base]) == 0
     assert capsys.readouterr().out.startswith("deleted")
     assert not redis_client.exists(provider.keys.token)
     provider.invalidate(token)
