@@ -115,7 +115,6 @@ INVALID_BODIES: list[tuple[str, bytes]] = [
     ("expires_in str", body(**good(expires_in="3600", access_token=MARKER))),
     ("expires_in bool", body(**good(expires_in=True, access_token=MARKER))),
     ("expires_in null", body(**good(expires_in=None, access_token=MARKER))),
-    ("expires_in zero", body(**good(expires_in=0, access_token=MARKER))),
     ("expires_in negative", body(**good(expires_in=-5, access_token=MARKER))),
     ("expires_in fraction", body(**good(expires_in=3599.5, access_token=MARKER))),
     ("expires_in NaN", body(**good(expires_in=float("nan"), access_token=MARKER))),
@@ -507,3 +506,27 @@ def test_zero_retry_after_keeps_the_exponential_backoff() -> None:
     # wait_exponential(multiplier=0.2) + jitter in [0, 0.3]: 0.2.., 0.4.., 0.8..
     for sleep, floor in zip(sleeps, (0.2, 0.4, 0.8), strict=True):
         assert floor <= sleep <= floor + 0.3
+
+
+def test_expires_in_zero_is_a_reply_not_garbage() -> None:
+    """Doorkeeper's reuse_access_token answers a token about to die with ``expires_in: 0``
+    (its remaining lifetime, rounded): a reply the flow judges, not a malformed one."""
+    reply = body(**good(expires_in=0))
+    assert wire.parse_token_reply(200, {}, reply)[2] == 0
+
+
+def test_invalid_token_reuse_is_retried_and_named() -> None:
+    reply = json.dumps({"error": "invalid_token_reuse", "error_description": "x"}).encode()
+    error = wire.error_for_status(400, {}, reply)
+    assert isinstance(error, TokenEndpointUnavailableError)
+    assert error.error == "invalid_token_reuse"
+    assert "invalid_token_reuse" in str(error)
+
+
+def test_an_unknown_oauth_code_is_kept_but_not_echoed_in_the_message() -> None:
+    reply = json.dumps({"error": "slow_down_please", "error_description": "echo"}).encode()
+    error = wire.error_for_status(400, {}, reply)
+    assert error.error == "slow_down_please"
+    assert "slow_down_please" not in str(error) and "echo" not in str(error)
+    garbage = json.dumps({"error": "Secret-Value With Spaces"}).encode()
+    assert wire.error_for_status(400, {}, garbage).error is None

@@ -11,6 +11,8 @@ throttle per fleet).
   credentials, so hold off for ``credentials`` seconds. The hold-off records a fingerprint of the
   secret, and a worker started with a different secret ignores it: a rotation takes effect at
   once instead of waiting out the hold-off.
+- ``invalid_token_reuse`` (Doorkeeper's race between two token requests of one client under
+  ``revoke_previous_client_credentials_token``): retried at once, and at most the base hold-off.
 - 5xx, timeouts, garbage replies: exponential in the number of consecutive failed exchanges,
   from ``base`` up to ``cap``, and never shorter than a ``Retry-After`` the server sent (itself
   capped at an hour, as MSAL does, so a broken header cannot park a fleet for a day).
@@ -55,6 +57,9 @@ class BackoffPolicy:
             return 0.0
         if is_credentials_error(error):
             return self.credentials
+        if error.error == "invalid_token_reuse":
+            # Doorkeeper's own race, not an outage: the shortest pause, never a growing one.
+            return min(self.base, 1.0)
         wait = min(self.cap, self.base * 2.0 ** min(max(streak, 1) - 1, 30))
         return max(wait, min(error.retry_after or 0.0, RETRY_AFTER_CAP))
 

@@ -43,8 +43,9 @@ _BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _RETRY_AFTER_SECONDS = re.compile(r"[0-9]{1,9}")
 _SHOWN_MEDIA_TYPES = {"application/json", "text/html", "text/plain", "application/xml"}
 MAX_EXPIRES_IN = 10 * 366 * 86400  # anything longer is not a K2 reply we understand
-# OAuth error codes we name in messages; anything else in that field is not repeated, since a
-# reply can put arbitrary text (an echoed credential, say) where the code should be.
+# OAuth error codes we name in messages. Another code is kept (in ``error``, never in the
+# message) only if it has the shape of one (RFC 6749: short, lower case and underscores), since
+# a reply can put arbitrary text (an echoed credential, say) where the code should be.
 _KNOWN_ERRORS = _REJECTED | {
     "invalid_client",
     "invalid_token",
@@ -52,7 +53,11 @@ _KNOWN_ERRORS = _REJECTED | {
     "temporarily_unavailable",
     "access_denied",
     "rate_limited",
+    # Doorkeeper's own race with revoke_previous_client_credentials_token: two token requests
+    # for one client at once; an immediate retry succeeds (see the contract, section 9).
+    "invalid_token_reuse",
 }
+_CODE_SHAPE = re.compile(r"[a-z][a-z0-9_]{0,47}")
 
 
 def form(client_id: str, client_secret: str) -> dict[str, str]:
@@ -80,13 +85,13 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def _oauth_error(body: bytes) -> str | None:
-    """The reply's OAuth ``error`` code if it is one we know, else ``None``."""
+    """The reply's OAuth ``error`` code if it has the shape of one, else ``None``."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     error = data.get("error") if isinstance(data, dict) else None
-    return error if isinstance(error, str) and error in _KNOWN_ERRORS else None
+    return error if isinstance(error, str) and _CODE_SHAPE.fullmatch(error) else None
 
 
 def _valid_created_at(value: object) -> bool:
@@ -138,8 +143,10 @@ def parse_token_reply(status: int, headers: Mapping[str, str], body: bytes) -> t
         problem = "token_type is missing or not Bearer"
     elif isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)):
         problem = "expires_in is missing or not a number"
-    elif not 0 < expires_in <= MAX_EXPIRES_IN or expires_in != math.floor(expires_in):
-        problem = "expires_in is not a positive integer number of seconds"
+    elif not 0 <= expires_in <= MAX_EXPIRES_IN or expires_in != math.floor(expires_in):
+        # 0 is a real reply: Doorkeeper's reuse_access_token hands back a token about to die
+        # with its remaining lifetime rounded. It means "expired now" (the flow decides).
+        problem = "expires_in is not a whole number of seconds >= 0"
     elif "created_at" in data and not _valid_created_at(data["created_at"]):
         problem = "created_at is neither an integer nor an ISO-8601 string"
     if problem is not None:
@@ -153,7 +160,12 @@ def error_for_status(status: int, headers: Mapping[str, str], body: bytes) -> To
     """Map a non-200 reply to its error class; the class decides whether it is retried."""
     error = _oauth_error(body)
     retry_after = parse_retry_after(headers.get("retry-after"))
-    where = f"token endpoint answered HTTP {status}" + (f" ({error})" if error else "")
+    named = error if error in _KNOWN_ERRORS else None
+    where = f"token endpoint answered HTTP {status}" + (f" ({named})" if named else "")
+    if error == "invalid_token_reuse":
+        # Not the request's fault: retried at once by the exchange, and no fleet hold-off
+        # beyond the shortest one if the retries all lose the race too.
+        return TokenEndpointUnavailableError(where, status=status, error=error, retry_after=0.0)
     if error == "invalid_client" or (status == 401 and error not in _REJECTED):
         return InvalidCredentialsError(
             f"{where}: K2 rejected the client id or secret", status=status, error=error
