@@ -126,6 +126,18 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
+class Timer:
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class AsyncTimer:
+    @staticmethod
+    async def sleep(seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
 Job = Callable[[], float | None]
 AsyncJob = Callable[[], Awaitable[float | None]]
 OnError = Callable[[BaseException], float]

@@ -110,6 +110,11 @@ def snap(
     )
 
 
+def grant(lifetime: float) -> Snapshot:
+    """The token a refresh starts from: ``lifetime`` long, half of it left."""
+    return snap(lifetime / 2, lifetime=lifetime, value="the-token-held-before")
+
+
 def attempt(
     *,
     acquired: bool = False,
@@ -418,14 +423,14 @@ def test_local_fallback_holds_off_after_a_failure() -> None:
 
 
 def test_refresh_without_redis_and_a_fresh_token_does_nothing() -> None:
-    flow = refresh(WINDOWS, 3600, Clock(), local=LocalFailures(), shared=False, held_fresh=True)
+    flow = refresh(WINDOWS, grant(3600), Clock(), local=LocalFailures(), shared=False, held_fresh=True)
     assert drive(flow, Script()) is None
 
 
 def test_refresh_during_a_fleet_hold_off_raises_for_the_background_runner() -> None:
     held_off = attempt(holdoff_ms=2000, holdoff_code="invalid_client", snapshot=snap(200))
     with pytest.raises(InvalidCredentialsError):
-        drive(refresh(WINDOWS, 3600, Clock()), Script((TryLock, held_off)))
+        drive(refresh(WINDOWS, grant(3600), Clock()), Script((TryLock, held_off)))
 
 
 # -- refresh ---------------------------------------------------------------------------------
@@ -437,7 +442,7 @@ def test_refresh_loser_waits_and_returns_the_announced_snapshot() -> None:
     script = Script(
         (TryLock, lost(lock_ttl_ms=2000, snapshot=stale)), (Wait, WaitOutcome(announced))
     )
-    assert drive(refresh(WINDOWS, 3600, Clock()), script) is announced
+    assert drive(refresh(WINDOWS, grant(3600), Clock()), script) is announced
     assert script.seen[0] == TryLock(300_000)
     assert script.seen[1] == Wait(timeout=pytest.approx(2.01), min_ttl_ms=300_000)
     assert Exchange not in script.kinds()
@@ -445,19 +450,19 @@ def test_refresh_loser_waits_and_returns_the_announced_snapshot() -> None:
 
 def test_refresh_loser_with_nothing_announced_returns_none() -> None:
     script = Script((TryLock, lost(snapshot=snap(200))), (Wait, WaitOutcome(None)))
-    assert drive(refresh(WINDOWS, 3600, Clock()), script) is None
+    assert drive(refresh(WINDOWS, grant(3600), Clock()), script) is None
 
 
 def test_refresh_loser_raises_the_reported_error() -> None:
     script = Script((TryLock, lost()), (Wait, WaitOutcome(None, "invalid_client")))
     with pytest.raises(InvalidCredentialsError):
-        drive(refresh(WINDOWS, 3600, Clock()), script)
+        drive(refresh(WINDOWS, grant(3600), Clock()), script)
 
 
 def test_refresh_finding_a_fresh_token_skipped_does_not_exchange() -> None:
     fresh = snap(3000, value=NEW_TOKEN)
     script = Script((TryLock, attempt(skipped=True, snapshot=fresh)))
-    assert drive(refresh(WINDOWS, 3600, Clock()), script) is fresh
+    assert drive(refresh(WINDOWS, grant(3600), Clock()), script) is fresh
     assert script.kinds() == [TryLock]
 
 
@@ -465,7 +470,7 @@ def test_refresh_acquired_with_fresh_token_releases_and_does_not_exchange() -> N
     fresh = snap(3000, value=NEW_TOKEN)
     lock = won(snapshot=fresh)
     script = Script((TryLock, lock), (Release, None))
-    assert drive(refresh(WINDOWS, 3600, Clock()), script) is fresh
+    assert drive(refresh(WINDOWS, grant(3600), Clock()), script) is fresh
     assert script.seen[1] == Release(lock, "")
     assert Exchange not in script.kinds()
 
@@ -473,7 +478,7 @@ def test_refresh_acquired_with_fresh_token_releases_and_does_not_exchange() -> N
 def test_refresh_acquired_with_stale_token_exchanges_and_publishes() -> None:
     lock = won(snapshot=snap(200))
     script = Script((TryLock, lock), (Exchange, ISSUED), (Publish, PUBLISHED))
-    assert drive(refresh(WINDOWS, 3600, Clock()), script) is PUBLISHED
+    assert drive(refresh(WINDOWS, grant(3600), Clock()), script) is PUBLISHED
     assert script.seen[2] == Publish(lock, ISSUED)
 
 
@@ -482,7 +487,7 @@ def test_refresh_exchange_failure_releases_with_code() -> None:
     error = TokenEndpointUnavailableError("down", status=503)
     script = Script((TryLock, lock), (Exchange, error), (Release, None))
     with pytest.raises(TokenEndpointUnavailableError):
-        drive(refresh(WINDOWS, 3600, Clock()), script)
+        drive(refresh(WINDOWS, grant(3600), Clock()), script)
     assert script.seen[2] == Release(lock, "unavailable", 1000)
 
 
@@ -494,7 +499,7 @@ def test_refresh_skipped_but_not_fresh_to_us_retries_lock_forced() -> None:
         (Exchange, ISSUED),
         (Publish, PUBLISHED),
     )
-    assert drive(refresh(WINDOWS, 3600, Clock()), script) is PUBLISHED
+    assert drive(refresh(WINDOWS, grant(3600), Clock()), script) is PUBLISHED
     assert [e for e in script.seen if isinstance(e, TryLock)] == [TryLock(300_000), TryLock(-1)]
 
 
@@ -505,7 +510,7 @@ def test_refresh_lock_threshold_is_the_refresh_window(
     lifetime: float | None, threshold: int
 ) -> None:
     script = Script((TryLock, attempt(skipped=True, snapshot=snap(3000))))
-    drive(refresh(WINDOWS, lifetime, Clock()), script)
+    drive(refresh(WINDOWS, None if lifetime is None else grant(lifetime), Clock()), script)
     assert script.seen[0] == TryLock(threshold)
 
 
@@ -557,6 +562,7 @@ def test_hold_computes_monotonic_instants_and_wall_expiry() -> None:
         recheck_at=160.0,  # local_max_age after the read comes before the refresh window
         fresh_until=3400.0,
         usable_until=3670.0,
+        source=s,
     )
     assert held.is_fresh(3399.9)
     assert not held.is_fresh(3400.0)
@@ -661,7 +667,7 @@ def test_refresh_takes_over_once_when_the_holders_lease_runs_out_unannounced() -
         (Exchange, ISSUED),
         (Publish, PUBLISHED),
     )
-    assert drive(refresh(WINDOWS, 3600, Clock()), script) is PUBLISHED
+    assert drive(refresh(WINDOWS, grant(3600), Clock()), script) is PUBLISHED
     assert script.seen[2] == TryLock(300_000, after_timeout=True)
 
 
@@ -673,5 +679,5 @@ def test_refresh_takes_over_at_most_once() -> None:
         (TryLock, lost(lock_ttl_ms=2000, snapshot=stale)),  # someone else was quicker
         (Wait, WaitOutcome(None, timed_out=True)),
     )
-    assert drive(refresh(WINDOWS, 3600, Clock()), script) is None
+    assert drive(refresh(WINDOWS, grant(3600), Clock()), script) is None
     assert script.finished()

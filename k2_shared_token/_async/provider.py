@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import _concurrency
-from .._concurrency import AsyncFlight, AsyncRefresher
+from .._concurrency import AsyncFlight, AsyncRefresher, AsyncTimer
 from .._core import flow, metrics
 from .._core.backoff import BackoffPolicy, LocalFailures, credentials_fingerprint
 from .._core.errors import ConfigurationError, K2TokenError, SharedCacheError
@@ -182,6 +182,8 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
         if held is not None:
             return held
         generation = self._local.generation
+        if seen is None and self._local.held is not None:
+            seen = self._local.held.source  # the grant before: see flow._exchange_and_publish
         obtain = flow.obtain(
             self._windows,
             seen,
@@ -200,10 +202,11 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
         """Refresh or re-confirm the token off the callers' path; returns a pause before the
         next refresh may run, or None."""
         held, generation = self._local.held, self._local.generation
+        previous = held.source if held is not None else None
         lifetime = held.lifetime if held is not None else None
         refresh = flow.refresh(
             self._windows,
-            lifetime,
+            previous,
             time.monotonic,
             backoff=self._backoff,
             local=self._local_failures,
@@ -292,8 +295,10 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
                 return await self._exchange.fetch()
             case flow.TryLock(min_ttl_ms=min_ttl_ms):
                 return await self._redis(store.try_lock, min_ttl_ms)
-            case flow.Publish(lock=lock, issued=issued):
-                return await self._redis(store.publish, lock, issued)
+            case flow.Publish(lock=lock, issued=issued, reuse=reuse, keep=keep):
+                return await self._redis(store.publish, lock, issued, reuse, keep)
+            case flow.Pause(seconds=seconds):
+                return await AsyncTimer.sleep(seconds)
             case flow.Release(lock=lock, error_code=code, holdoff_ms=ms, credentials=creds):
                 return await self._redis(store.release, lock, code, ms, creds)
             case flow.Wait(timeout=timeout, min_ttl_ms=min_ttl_ms):

@@ -129,8 +129,14 @@ class AsyncRedisStore:
     async def try_lock(self, min_ttl_ms: int) -> LockAttempt:
         return await self.run(self.ops.try_lock(min_ttl_ms))
 
-    async def publish(self, lock: LockAttempt, issued: IssuedToken) -> Snapshot:
-        snap, call = self.ops.publish(lock, issued)
+    async def publish(
+        self,
+        lock: LockAttempt,
+        issued: IssuedToken,
+        reuse: bool = False,
+        keep: Snapshot | None = None,
+    ) -> Snapshot:
+        snap, call = self.ops.publish(lock, issued, reuse, keep)
         if call is not None:
             await self.run(call)
         return snap

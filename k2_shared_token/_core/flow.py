@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 from .backoff import BackoffPolicy, LocalFailures, is_credentials_error
 from .errors import K2TokenError, SharedCacheError, TokenUnavailableError, error_from_report
 from .tokens import IssuedToken, Snapshot, StoredToken
-from .windows import Windows
+from .windows import REUSE_ALLOWANCE, REUSE_MARGIN, Windows
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -45,6 +45,7 @@ class LockAttempt:
     streak: int = 0  # acquired: how many exchanges in a row failed before this one
     holdoff_code: str | None = None  # the fleet is holding off K2 after this error...
     holdoff_ms: int = 0  # ... for this much longer
+    reuse: bool = False  # the fleet has learned that K2 hands back live tokens
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,20 @@ class Exchange(Effect[IssuedToken]):
 
 @dataclass(frozen=True)
 class Publish(Effect[Snapshot]):
-    """Write, wake, release; the driver returns the issued token as a snapshot of our own."""
+    """Write, wake, release; the driver returns the issued token as a snapshot of our own
+    (:func:`own_snapshot` of these fields)."""
 
     lock: LockAttempt
     issued: IssuedToken
+    reuse: bool = False  # the server reuses tokens: the stored token says so, for every reader
+    keep: Snapshot | None = None  # the same grant handed back: keep its lifetime and expiry
+
+
+@dataclass(frozen=True)
+class Pause(Effect[None]):
+    """Sleep: under token reuse, the server's rounding must pass before it issues a new one."""
+
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -105,18 +116,35 @@ def perform(effect: Effect[R]) -> Generator[Effect[Any], Any, R]:
 DEFAULT_BACKOFF = BackoffPolicy()
 
 
-def own_snapshot(issued: IssuedToken, fence: int, now: float) -> Snapshot:
-    """A token this process exchanged, as if read back from Redis at ``now``."""
+def own_snapshot(
+    issued: IssuedToken,
+    fence: int,
+    now: float,
+    *,
+    reuse: bool = False,
+    keep: Snapshot | None = None,
+) -> Snapshot:
+    """A token this process exchanged, as if read back from Redis at ``now``.
+
+    ``keep``: the reply handed back a token we already had. It is the same grant, so it keeps
+    its original lifetime (the windows do not shrink to the remaining seconds) and the earlier
+    of the two expiries (the server rounds its ``expires_in``, which can overstate).
+    """
     age = now - issued.requested_at
+    ttl_ms = int((issued.expires_in - age) * 1000)
+    lifetime: float = issued.expires_in
+    if keep is not None:
+        lifetime = keep.stored.lifetime
+        ttl_ms = min(ttl_ms, int((keep.expires_at - now) * 1000))
     stored = StoredToken(
         issued.value,
         issued.token_type,
-        issued.expires_in,
+        lifetime,
         fence,
         issued.requested_at_wall,
         int(issued.took * 1000),
+        reuse,
     )
-    ttl_ms = int((issued.expires_in - age) * 1000)
     return Snapshot(stored, max(ttl_ms, 0), now, issued.requested_at_wall + age)
 
 
@@ -131,18 +159,58 @@ def _lifetime(snap: Snapshot | None) -> float | None:
     return None if snap is None else snap.stored.lifetime
 
 
+def _reuse(snap: Snapshot | None) -> bool:
+    return snap is not None and snap.stored.reuse
+
+
 def _holdoff_error(code: str, holdoff_ms: int) -> K2TokenError:
     return error_from_report(code, holdoff_ms / 1000 if holdoff_ms > 0 else None)
 
 
 def _exchange_and_publish(
     lock: LockAttempt,
+    windows: Windows,
+    previous: Snapshot | None,
     clock: Callable[[], float],
+    *,
     backoff: BackoffPolicy,
     local: LocalFailures | None,
 ) -> Flow[Snapshot]:
+    """Exchange and publish, knowing what the server may hand back.
+
+    ``previous`` is the token this flow knew before (the one in Redis, or this process's
+    copy). A reply that carries it again is the same grant (Doorkeeper's
+    ``reuse_access_token``): if it still has time left, it is republished with its original
+    lifetime and expiry, and the namespace learns that early asks cannot help. A reply that is
+    already expired (``expires_in`` 0, or the reused token at its very end) is not handed out:
+    once the server's rounding has passed, one more ask gets the new token.
+    """
+    reuse = lock.reuse or _reuse(previous)
+    if reuse and previous is not None:
+        wait = previous.expires_at + REUSE_ALLOWANCE - clock()
+        if 0 < wait <= REUSE_ALLOWANCE + REUSE_MARGIN:
+            yield from perform(Pause(wait))  # an ask before then only gets the old token back
+    for attempt in (1, 2):
+        issued = yield from _exchange(lock, backoff)
+        same = previous is not None and issued.value == previous.stored.value
+        reuse = reuse or same
+        if same and previous is not None:
+            margin = windows.for_lifetime(previous.stored.lifetime, True)[1]
+            if previous.expires_at - clock() > margin:
+                return (yield from _publish(lock, issued, clock, local=local, reuse=True,
+                                            keep=previous))  # fmt: skip
+        elif issued.expires_in > 0:
+            return (yield from _publish(lock, issued, clock, local=local, reuse=reuse, keep=None))
+        if attempt == 1:
+            yield from perform(Pause(REUSE_ALLOWANCE))
+    with contextlib.suppress(K2TokenError):
+        yield from perform(Release(lock))
+    raise TokenUnavailableError("K2 handed back an already expired token twice")
+
+
+def _exchange(lock: LockAttempt, backoff: BackoffPolicy) -> Flow[IssuedToken]:
     try:
-        issued = yield from perform(Exchange())
+        return (yield from perform(Exchange()))
     except K2TokenError as exc:
         # Give the lock back, tell the waiters why and hold the fleet off K2 for a while. If
         # Redis fails here too, the lease frees the lock anyway; the exchange error is the one
@@ -152,13 +220,24 @@ def _exchange_and_publish(
         with contextlib.suppress(K2TokenError):
             yield from perform(release)
         raise
+
+
+def _publish(
+    lock: LockAttempt,
+    issued: IssuedToken,
+    clock: Callable[[], float],
+    *,
+    local: LocalFailures | None,
+    reuse: bool,
+    keep: Snapshot | None,
+) -> Flow[Snapshot]:
     try:
-        return (yield from perform(Publish(lock, issued)))
+        return (yield from perform(Publish(lock, issued, reuse, keep)))
     except SharedCacheError:
         if local is None:
             raise
         # Redis went away mid-exchange: the token is good, keep it in this process.
-        return own_snapshot(issued, 0, clock())
+        return own_snapshot(issued, 0, clock(), reuse=reuse, keep=keep)
 
 
 def _local(
@@ -264,8 +343,12 @@ def _obtain_shared(
 ) -> Flow[Snapshot]:
     force = timed_out = False
     while True:
-        lifetime = _lifetime(sighting.snapshot)
-        threshold = -1 if force else windows.lock_threshold_ms(lifetime, fresh=False)
+        seen = sighting.snapshot
+        threshold = (
+            -1
+            if force
+            else windows.lock_threshold_ms(_lifetime(seen), fresh=False, reuse=_reuse(seen))
+        )
         lock = yield from perform(TryLock(threshold, timed_out))
         sighting.saw(lock.snapshot)
         if _usable(windows, lock.snapshot, clock(), fresh=False):
@@ -274,7 +357,12 @@ def _obtain_shared(
             assert lock.snapshot is not None
             return lock.snapshot
         if lock.acquired:
-            return (yield from _exchange_and_publish(lock, clock, backoff, local))
+            previous = lock.snapshot or sighting.snapshot
+            return (
+                yield from _exchange_and_publish(
+                    lock, windows, previous, clock, backoff=backoff, local=local
+                )
+            )
         if lock.holdoff_code is not None:
             raise _holdoff_error(lock.holdoff_code, lock.holdoff_ms)
         if lock.skipped:
@@ -300,7 +388,7 @@ def _obtain_shared(
 
 def refresh(
     windows: Windows,
-    lifetime: float | None,
+    previous: Snapshot | None,
     clock: Callable[[], float],
     *,
     backoff: BackoffPolicy = DEFAULT_BACKOFF,
@@ -316,11 +404,13 @@ def refresh(
     background runner, which logs them and keeps the current token. Without Redis (``local``
     given and Redis failing, or ``shared=False``), this process exchanges for itself, unless
     its token is still fresh (``held_fresh``: the refresh was only a re-check against Redis).
+    ``previous`` is the token held now (its lifetime sets the windows; see
+    :func:`_exchange_and_publish` for what else it tells).
     """
     done, snap = yield from _through_redis(
         shared,
         local,
-        lambda: _refresh_shared(windows, lifetime, clock, backoff=backoff, local=local),
+        lambda: _refresh_shared(windows, previous, clock, backoff=backoff, local=local),
     )
     if done or held_fresh:
         return snap
@@ -330,13 +420,15 @@ def refresh(
 
 def _refresh_shared(
     windows: Windows,
-    lifetime: float | None,
+    previous: Snapshot | None,
     clock: Callable[[], float],
     *,
     backoff: BackoffPolicy,
     local: LocalFailures | None,
 ) -> Flow[Snapshot | None]:
-    threshold = windows.lock_threshold_ms(lifetime, fresh=True)
+    threshold = windows.lock_threshold_ms(
+        _lifetime(previous), fresh=True, reuse=_reuse(previous)
+    )
     timed_out = False
     while True:
         lock = yield from perform(TryLock(threshold, timed_out))
@@ -346,7 +438,11 @@ def _refresh_shared(
             if _usable(windows, lock.snapshot, clock(), fresh=True):
                 yield from perform(Release(lock))
                 return lock.snapshot
-            return (yield from _exchange_and_publish(lock, clock, backoff, local))
+            return (
+                yield from _exchange_and_publish(
+                    lock, windows, lock.snapshot or previous, clock, backoff=backoff, local=local
+                )
+            )
         if _usable(windows, lock.snapshot, clock(), fresh=True):
             return lock.snapshot
         if lock.holdoff_code is not None:

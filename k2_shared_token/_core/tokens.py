@@ -79,6 +79,9 @@ class StoredToken:
     fence: int
     issued_at: float = 0.0  # epoch seconds on the writer's clock when it asked K2 (for status)
     took_ms: int = 0  # how long that exchange took, retries included (for status)
+    # The server hands back a live token instead of a new one (Doorkeeper's
+    # reuse_access_token): an early ask cannot help, so the windows have none.
+    reuse: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,11 @@ class Snapshot:
     ttl_ms: int
     seen_at: float  # time.monotonic() when the reply arrived
     seen_at_wall: float  # time.time() at the same moment
+
+    @property
+    def expires_at(self) -> float:
+        """When the token dies, on the monotonic clock (as Redis counted it at ``seen_at``)."""
+        return self.seen_at + self.ttl_ms / 1000
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,7 @@ class Held:
     recheck_at: float
     fresh_until: float
     usable_until: float
+    source: Snapshot  # what it was made from: the previous grant, for the next exchange
 
     def is_fresh(self, now: float) -> bool:
         return now < self.fresh_until

@@ -54,18 +54,19 @@ def encode(
     *,
     issued_at: float = 0.0,
     took_ms: int = 0,
+    reuse: bool = False,
     cipher: TokenCipher | None = None,
 ) -> bytes:
-    payload = json.dumps(
-        {
-            "access_token": value,
-            "token_type": token_type,
-            "lifetime": lifetime,
-            "issued_at": round(issued_at, 3),
-            "took_ms": took_ms,
-        },
-        separators=(",", ":"),
-    ).encode()
+    fields: dict[str, object] = {
+        "access_token": value,
+        "token_type": token_type,
+        "lifetime": lifetime,
+        "issued_at": round(issued_at, 3),
+        "took_ms": took_ms,
+    }
+    if reuse:
+        fields["reuse"] = True  # every reader must use the same (reuse) windows
+    payload = json.dumps(fields, separators=(",", ":")).encode()
     header = f"{fence}:{digest(value)}".encode()
     if cipher is not None:
         payload = cipher.seal(payload, header)
@@ -124,6 +125,7 @@ def decode(raw: bytes, cipher: TokenCipher | None = None) -> StoredToken:
         int(fence),
         _optional_number(data, "issued_at"),
         int(_optional_number(data, "took_ms")),
+        data.get("reuse") is True,
     )
 
 

@@ -190,7 +190,7 @@ class Namespace:
         k = self.keys
 
         def parse(reply: Any) -> LockAttempt:
-            outcome, number, raw, ttl, extra = reply
+            outcome, number, raw, ttl, extra, *server = reply
             got = outcome == 1
             text = _text(extra)
             return LockAttempt(
@@ -203,19 +203,28 @@ class Namespace:
                 streak=count(text) if got else 0,
                 holdoff_code=text if outcome == 3 else None,
                 holdoff_ms=int(number) if outcome == 3 else 0,
+                reuse="reuse" in _text(server[0] if server else "").split(","),
             )
 
         return Call(
             "lock",
             TRY_LOCK,
-            [k.token, k.lock, k.fence, k.backoff, k.failures],
+            [k.token, k.lock, k.fence, k.backoff, k.failures, k.server],
             [owner, self.lease_ms, min_ttl_ms, self.credentials],
             parse,
         )
 
-    def publish(self, lock: LockAttempt, issued: IssuedToken) -> tuple[Snapshot, Call[bool] | None]:
-        """The token as this holder will hold it, and the write (None if it already expired)."""
-        snap = own_snapshot(issued, lock.fence, time.monotonic())
+    def publish(
+        self,
+        lock: LockAttempt,
+        issued: IssuedToken,
+        reuse: bool = False,
+        keep: Snapshot | None = None,
+    ) -> tuple[Snapshot, Call[bool] | None]:
+        """The token as this holder will hold it, and the write (None if it already expired).
+        ``reuse`` (see :class:`.flow.Publish`) is also recorded for the namespace, so the
+        fleet remembers it past this token's life."""
+        snap = own_snapshot(issued, lock.fence, time.monotonic(), reuse=reuse, keep=keep)
         stored, k = snap.stored, self.keys
         if snap.ttl_ms <= 0:
             return snap, None
@@ -226,6 +235,7 @@ class Namespace:
             stored.fence,
             issued_at=stored.issued_at,
             took_ms=stored.took_ms,
+            reuse=stored.reuse,
             cipher=self.cipher,
         )
 
@@ -241,8 +251,8 @@ class Namespace:
         call = Call(
             "publish",
             PUBLISH,
-            [k.token, k.lock, k.fence, k.backoff, k.failures],
-            [lock.owner, lock.fence, value, snap.ttl_ms, k.channel],
+            [k.token, k.lock, k.fence, k.backoff, k.failures, k.server],
+            [lock.owner, lock.fence, value, snap.ttl_ms, k.channel, "reuse" if reuse else ""],
             parse,
         )
         return snap, call

@@ -7,6 +7,7 @@ For a namespace ``N`` (see :func:`k2_shared_token._core.settings.namespace_for`)
     k2:{N}:fence   integer incremented on every lock acquisition (no expiry)
     k2:{N}:backoff string  <error code>:<credentials fingerprint or empty>, PX = fleet hold-off
     k2:{N}:failures integer consecutive failed exchanges, PX = hold-off + 10 min (the streak)
+    k2:{N}:server  string  what the fleet learned of K2's server (``reuse``), PX = 30 days
     k2:{N}:ready   pub/sub channel: a written token, or the lock holder's failure
 
 ``{N}`` is a Redis Cluster hash tag, so every key of a namespace lives in one slot and each
@@ -31,6 +32,7 @@ class Keys:
     backoff: str
     failures: str
     channel: str
+    server: str
 
     @classmethod
     def for_namespace(cls, prefix: str, namespace: str) -> Keys:
@@ -42,12 +44,13 @@ class Keys:
             f"{base}:backoff",
             f"{base}:failures",
             f"{base}:ready",
+            f"{base}:server",
         )
 
     @property
     def all(self) -> tuple[str, ...]:
         """Every key (not the channel), e.g. for a test that scans what we store."""
-        return (self.token, self.lock, self.fence, self.backoff, self.failures)
+        return (self.token, self.lock, self.fence, self.backoff, self.failures, self.server)
 
 
 _READ_CACHED = """
@@ -74,6 +77,8 @@ TRY_LOCK = (
 local ttl = redis.call('PTTL', KEYS[1])
 local ours = v and string.match(v, '^%d+:%x+:') ~= nil
 if ours and tonumber(ARGV[3]) >= 0 and ttl > tonumber(ARGV[3]) then return {2, 0, v, ttl, ''} end
+local server = redis.pcall('GET', KEYS[6])
+if type(server) ~= 'string' then server = '' end
 local b = redis.pcall('GET', KEYS[4])
 if type(b) == 'string' then
   local left = redis.call('PTTL', KEYS[4])
@@ -81,7 +86,7 @@ if type(b) == 'string' then
   if left < 0 then
     redis.call('DEL', KEYS[4])  -- our hold-offs always expire: this one is not ours
   elseif code and (fp == '' or fp == ARGV[4]) then
-    return {3, left, v, ttl, code}
+    return {3, left, v, ttl, code, server}
   end
 end
 -- Our locks always expire: one without a TTL (or of another type) is not ours and would block
@@ -98,16 +103,17 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if redis.call('PTTL', KEYS[3]) >= 0 then redis.call('SET', KEYS[3], fence) end
   local streak = redis.pcall('GET', KEYS[5])
   if type(streak) ~= 'string' then streak = '0' end
-  return {1, fence, v, ttl, streak}
+  return {1, fence, v, ttl, streak, server}
 end
-return {0, redis.call('PTTL', KEYS[2]), v, ttl, ''}
+return {0, redis.call('PTTL', KEYS[2]), v, ttl, '', server}
 """
 )
 """Take the refresh lock unless the token is good enough or the fleet is holding off K2.
 
-KEYS: token, lock, fence, backoff, failures. ARGV: owner, lease_ms, min_ttl_ms (negative: always
-try the lock), credentials fingerprint. Returns ``{outcome, number, value or nil, token_pttl,
-extra}``:
+KEYS: token, lock, fence, backoff, failures, server. ARGV: owner, lease_ms, min_ttl_ms
+(negative: always try the lock), credentials fingerprint. Returns ``{outcome, number, value or
+nil, token_pttl, extra, server}`` (``server``: what the fleet learned of K2's server, but for
+outcome 2):
 
 - 1, acquired: ``number`` is this holder's fencing number, ``extra`` the count of consecutive
   failed exchanges before it (the holder's next hold-off grows with it);
@@ -126,6 +132,7 @@ if newest == ARGV[2] then
   redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
   redis.call('DEL', KEYS[4], KEYS[5])
   redis.call('PUBLISH', ARGV[5], 'T' .. ARGV[4] .. ':' .. ARGV[3])
+  if ARGV[6] ~= '' then redis.call('SET', KEYS[6], ARGV[6], 'PX', 2592000000) end
   written = 1
 end
 if redis.pcall('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
@@ -133,7 +140,8 @@ return written
 """
 """Write a freshly exchanged token, wake every waiter, release the lock: one round trip.
 
-KEYS: token, lock, fence, backoff, failures. ARGV: owner, fence, value, ttl_ms, channel. The
+KEYS: token, lock, fence, backoff, failures, server. ARGV: owner, fence, value, ttl_ms, channel,
+what was learned of the server ('' for nothing new; kept 30 days past the last token). The
 write happens only if no later lock holder exists (the fence is still the newest), so a holder
 that stalled past its lease cannot replace a newer token with its older one. A written token ends
 any hold-off and failure streak. The lock is deleted only by its owner. Returns 1 if the token

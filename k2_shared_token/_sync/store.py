@@ -129,8 +129,14 @@ class RedisStore:
     def try_lock(self, min_ttl_ms: int) -> LockAttempt:
         return self.run(self.ops.try_lock(min_ttl_ms))
 
-    def publish(self, lock: LockAttempt, issued: IssuedToken) -> Snapshot:
-        snap, call = self.ops.publish(lock, issued)
+    def publish(
+        self,
+        lock: LockAttempt,
+        issued: IssuedToken,
+        reuse: bool = False,
+        keep: Snapshot | None = None,
+    ) -> Snapshot:
+        snap, call = self.ops.publish(lock, issued, reuse, keep)
         if call is not None:
             self.run(call)
         return snap
