@@ -29,6 +29,7 @@ from k2_shared_token._core.flow import (
     Exchange,
     IssuedToken,
     LockAttempt,
+    Pause,
     Publish,
     Release,
     TryLock,
@@ -36,6 +37,7 @@ from k2_shared_token._core.flow import (
     WaitOutcome,
     advance,
     obtain,
+    own_snapshot,
     refresh,
 )
 from k2_shared_token._core.tokens import AccessToken, Held, Snapshot, StoredToken
@@ -125,9 +127,19 @@ def attempt(
     streak: int = 0,
     holdoff_code: str | None = None,
     holdoff_ms: int = 0,
+    reuse: bool = False,
 ) -> LockAttempt:
     return LockAttempt(
-        acquired, skipped, fence, lock_ttl_ms, snapshot, "me", streak, holdoff_code, holdoff_ms
+        acquired,
+        skipped,
+        fence,
+        lock_ttl_ms,
+        snapshot,
+        "me",
+        streak,
+        holdoff_code,
+        holdoff_ms,
+        reuse,
     )
 
 
@@ -423,7 +435,9 @@ def test_local_fallback_holds_off_after_a_failure() -> None:
 
 
 def test_refresh_without_redis_and_a_fresh_token_does_nothing() -> None:
-    flow = refresh(WINDOWS, grant(3600), Clock(), local=LocalFailures(), shared=False, held_fresh=True)
+    flow = refresh(
+        WINDOWS, grant(3600), Clock(), local=LocalFailures(), shared=False, held_fresh=True
+    )
     assert drive(flow, Script()) is None
 
 
@@ -681,3 +695,86 @@ def test_refresh_takes_over_at_most_once() -> None:
     )
     assert drive(refresh(WINDOWS, grant(3600), Clock()), script) is None
     assert script.finished()
+
+
+# -- a server that reuses tokens (Doorkeeper's reuse_access_token) -----------------------------
+
+
+def _publish_as_driver(clock: Clock) -> Callable[[Effect[Any]], Snapshot]:
+    """Answer a Publish the way the store does: the issued token as held by this worker."""
+
+    def answer(effect: Effect[Any]) -> Snapshot:
+        assert isinstance(effect, Publish)
+        return own_snapshot(
+            effect.issued, effect.lock.fence, clock(), reuse=effect.reuse, keep=effect.keep
+        )
+
+    return answer
+
+
+def test_the_same_token_handed_back_is_the_same_grant_and_teaches_reuse() -> None:
+    clock = Clock(1000.0)
+    held = snap(200, lifetime=3600, value=TOKEN)  # in the refresh window: 200 s left
+    same = IssuedToken(TOKEN, "Bearer", 201, 1000.0, 1.7e9, 0.01)  # rounded up by the server
+    script = Script(
+        (TryLock, attempt(acquired=True, fence=7, snapshot=held)),
+        (Exchange, same),
+        (Publish, _publish_as_driver(clock)),
+    )
+    result = drive(refresh(WINDOWS, held, clock), script)
+    publish = script.seen[2]
+    assert isinstance(publish, Publish)
+    assert publish.reuse and publish.keep is held
+    # The original grant: its lifetime (no shrinking windows) and the earlier expiry.
+    assert result.stored.lifetime == 3600 and result.stored.reuse
+    assert result.ttl_ms == 200_000
+    # Reuse known: no early window; the token is handed out until a short margin before it dies.
+    kept = WINDOWS.hold(result)
+    assert kept.fresh_until == kept.usable_until == result.expires_at - 1.0
+
+
+def test_with_reuse_known_the_next_ask_waits_for_the_servers_rounding() -> None:
+    clock = Clock(1000.0)
+    dying = Snapshot(StoredToken(TOKEN, "Bearer", 3600, 1, reuse=True), 500, 1000.0, 1.7e9)
+    script = Script(
+        (TryLock, attempt(acquired=True, fence=8, snapshot=dying, reuse=True)),
+        (Pause, None),
+        (Exchange, ISSUED),
+        (Publish, _publish_as_driver(clock)),
+    )
+    result = drive(obtain(WINDOWS, dying, 1020.0, clock), script)
+    pause = script.seen[1]
+    assert isinstance(pause, Pause) and pause.seconds == pytest.approx(1.5)
+    assert result.stored.value == NEW_TOKEN and result.stored.reuse
+    publish = script.seen[3]
+    assert isinstance(publish, Publish) and publish.reuse and publish.keep is None
+
+
+def test_expires_in_zero_means_expired_now_and_one_more_ask_gets_the_new_token() -> None:
+    clock = Clock(1000.0)
+    expired = IssuedToken(TOKEN, "Bearer", 0, 1000.0, 1.7e9, 0.01)
+    script = Script(
+        (TryLock, attempt(acquired=True, fence=9)),
+        (Exchange, expired),
+        (Pause, None),
+        (Exchange, ISSUED),
+        (Publish, _publish_as_driver(clock)),
+    )
+    result = drive(obtain(WINDOWS, None, 1020.0, clock), script)
+    assert result.stored.value == NEW_TOKEN
+    assert not script.steps
+
+
+def test_an_expired_token_handed_back_twice_gives_the_lock_back_and_raises() -> None:
+    expired = IssuedToken(TOKEN, "Bearer", 0, 1000.0, 1.7e9, 0.01)
+    script = Script(
+        (TryLock, attempt(acquired=True, fence=9)),
+        (Exchange, expired),
+        (Pause, None),
+        (Exchange, expired),
+        (Release, None),
+    )
+    with pytest.raises(TokenUnavailableError, match="expired"):
+        drive(obtain(WINDOWS, None, 1020.0, Clock()), script)
+    release = script.seen[-1]
+    assert isinstance(release, Release) and release.error_code == ""

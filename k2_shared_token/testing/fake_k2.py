@@ -84,6 +84,10 @@ _DESC_SERVER_ERROR = (
 )
 _DESC_EXPIRED = "The access token expired"
 _DESC_REVOKED = "The access token was revoked"
+_DESC_TOKEN_REUSE = (
+    "The authorization server encountered an unexpected condition which prevented it from "
+    "fulfilling the request."
+)
 _DESC_UNKNOWN = "The access token is invalid"
 
 _Headers = tuple[tuple[str, str], ...]
@@ -234,9 +238,9 @@ class _Token:
         return not self.revoked and not self.expired(now)
 
     def remaining(self, now: float) -> int:
-        """Whole seconds left, floored but never 0 while alive, so a client that trusts
-        ``expires_in`` never treats a still-valid token as already dead."""
-        return max(1, math.floor(self.expires_mono - now))
+        """Seconds left, rounded half up as Doorkeeper's ``expires_in`` is: it can overstate by
+        up to half a second, and it is 0 for a token with under half a second to live."""
+        return max(0, math.floor(self.expires_mono - now + 0.5))
 
 
 def _www_authenticate(error: str, description: str) -> str:
@@ -294,6 +298,7 @@ class FakeK2Server:
         self._port = port
         self._expires_in = _check_expires_in(expires_in)
         self._mode = _check_choice("token_mode", token_mode, TOKEN_MODES)
+        self._in_flight = 0  # token requests being served (a race, in revoke-previous mode)
         self._latency = _check_latency(latency)
         self._created_at = _check_choice("created_at", created_at, CREATED_AT_FORMATS)
         self._legacy_errors = bool(legacy_errors)
@@ -600,7 +605,19 @@ class FakeK2Server:
         body = {"error": error, "error_description": description}
         return _json_reply(401 if legacy else status, body, headers)
 
-    def _token_reply(self, params: Mapping[str, str], basic: tuple[str, str] | None) -> _Reply:
+    def _token_request_started(self) -> bool:
+        """Count a token request in flight; True if another one already was (a race)."""
+        with self._lock:
+            self._in_flight += 1
+            return self._in_flight > 1
+
+    def _token_request_ended(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def _token_reply(
+        self, params: Mapping[str, str], basic: tuple[str, str] | None, racing: bool = False
+    ) -> _Reply:
         # Doorkeeper resolves the grant strategy before it authenticates the client, so a
         # bad grant_type wins over bad credentials.
         grant_type = params.get("grant_type", "")
@@ -614,6 +631,10 @@ class FakeK2Server:
         )
         if not self._client_ok(client_id, client_secret):
             return self._oauth_error("invalid_client", _DESC_INVALID_CLIENT, 401)
+        if racing and self._mode == "revoke_previous":
+            # Doorkeeper revokes the previous token and creates one in a transaction; a second
+            # request of the same client inside it loses (contract, section 9).
+            return self._oauth_error("invalid_token_reuse", _DESC_TOKEN_REUSE, 400)
         body = self._issue(client_id)
         return _json_reply(200, body, _NO_STORE)
 
@@ -865,6 +886,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle_token(self, body: bytes, query: str) -> None:
         fake = self.server.fake
+        racing = fake._token_request_started()
+        try:
+            self._serve_token(body, query, racing)
+        finally:
+            fake._token_request_ended()
+
+    def _serve_token(self, body: bytes, query: str, racing: bool) -> None:
+        fake = self.server.fake
         fault = fake._token_request_arrived()
         if not fake._pass_gate() or not fake._stall(fake.latency):
             self._drop()
@@ -884,7 +913,7 @@ class _Handler(BaseHTTPRequestHandler):
         if params is None:
             self._write(self._unparseable())
             return
-        self._write(fake._token_reply(params, self._basic_credentials()))
+        self._write(fake._token_reply(params, self._basic_credentials(), racing))
 
     # ----------------------------------------------------------------- request parsing
 
