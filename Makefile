@@ -1,12 +1,13 @@
 # Two commands on a fresh machine with only Python 3 and make:
 #   make demo   - the main job on an embedded Redis and the fake K2 server
-#   make test   - lint, type-check and the whole test suite
+#   make test   - lint, type-check and the whole test suite (but the real-Doorkeeper tests)
+#   make test-doorkeeper - the suite's tests against a real Doorkeeper (Ruby; installs it as root)
 #   make bench  - benchmarks (results in benchmarks/results/)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint pytest test-floors bench clean
+.PHONY: demo test lint pytest test-doorkeeper test-floors bench clean
 
 $(VENV)/.embedded: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +27,38 @@ lint: $(VENV)/.test
 	$(VENV)/bin/ruff check k2_shared_token tests benchmarks examples tools
 	$(VENV)/bin/mypy
 
+# The Doorkeeper tests are deselected here (an -m in PYTEST_ARGS overrides that), so a machine
+# without Ruby passes; make test-doorkeeper runs them.
 pytest: $(VENV)/.test
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not doorkeeper" $(PYTEST_ARGS)
+	@echo "Doorkeeper tests not run here (they need Ruby): run \`make test-doorkeeper\`" \
+		"(as root; installs Debian's $(subst $(space),$(comma) ,$(DOORKEEPER_PACKAGES)))"
 
 test: lint pytest test-floors
+
+# A real Doorkeeper 5.5 (tests/doorkeeper: a Rails app on puma and sqlite) from Debian 12's
+# packages. Installed here if they are missing and we are root with apt-get; otherwise this says
+# what is missing and fails. The tests print their figures (-s).
+DOORKEEPER_PACKAGES := ruby-doorkeeper ruby-activerecord ruby-sqlite3 puma
+DOORKEEPER_CHECK := $(PY) -m tests.doorkeeper.server
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
+comma := ,
+space := $(empty) $(empty)
+
+test-doorkeeper: $(VENV)/.test
+	@$(DOORKEEPER_CHECK) || { \
+		if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+			echo "make test-doorkeeper: cannot install them here: that needs root and apt-get." \
+				"On Debian 12, as root: apt-get install -y --no-install-recommends" \
+				"$(DOORKEEPER_PACKAGES)" >&2; \
+			exit 1; \
+		fi; \
+		echo "Installing $(DOORKEEPER_PACKAGES)"; \
+		$(APT_INSTALL) $(DOORKEEPER_PACKAGES) \
+			|| { apt-get update -q && $(APT_INSTALL) $(DOORKEEPER_PACKAGES); } || exit 1; \
+		$(DOORKEEPER_CHECK); \
+	}
+	K2_REQUIRE_DOORKEEPER=1 $(PY) -m pytest -q -m doorkeeper -s $(PYTEST_ARGS)
 
 # A quick subset of the suite with the runtime dependencies at their declared floors.
 FLOORS := .venv-floors

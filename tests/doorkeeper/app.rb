@@ -60,6 +60,7 @@ module DK
       @app = app
       @lock = Mutex.new
       @counts = Hash[KEYS.map { |k| [k, 0] }]
+      @issued_at = [] # wall-clock epoch seconds of each 200 from /oauth/token
     end
 
     def call(env)
@@ -67,8 +68,13 @@ module DK
       verb = env["REQUEST_METHOD"]
       if path == "/__counts" && verb == "GET"
         return json(200, @lock.synchronize { @counts.dup })
+      elsif path == "/__issued" && verb == "GET"
+        return json(200, { "issued_at" => @lock.synchronize { @issued_at.dup } })
       elsif path == "/__reset" && verb == "POST"
-        @lock.synchronize { KEYS.each { |k| @counts[k] = 0 } }
+        @lock.synchronize do
+          KEYS.each { |k| @counts[k] = 0 }
+          @issued_at.clear
+        end
         return json(200, { "reset" => true })
       end
 
@@ -83,6 +89,7 @@ module DK
       ensure
         status = status.to_i
         bump(status == 200 ? "token_issued" : "token_errors") if token
+        issued if token && status == 200
         bump("api_401") if api && status == 401
         bump("api_ok") if api && status == 200
         bump("server_errors") if status >= 500
@@ -93,6 +100,11 @@ module DK
 
     def bump(key)
       @lock.synchronize { @counts[key] += 1 }
+    end
+
+    def issued
+      now = Process.clock_gettime(Process::CLOCK_REALTIME)
+      @lock.synchronize { @issued_at << now }
     end
 
     def json(status, obj)
