@@ -138,6 +138,38 @@ class AsyncTimer:
         await asyncio.sleep(seconds)
 
 
+class Daemon:
+    """A job that runs for a long time off the callers' path (the fleet backplane's listener):
+    a daemon thread here, a task on the asyncio side."""
+
+    @staticmethod
+    def start(job: Callable[[], None], name: str) -> threading.Thread:
+        thread = threading.Thread(target=job, name=name, daemon=True)
+        thread.start()
+        return thread
+
+    @staticmethod
+    def stop(thread: threading.Thread) -> None:
+        """The job ends by itself once it has nothing left to do; wait a little for it."""
+        if thread is not threading.current_thread():
+            thread.join(1.0)
+
+
+class AsyncDaemon:
+    @staticmethod
+    def start(job: Callable[[], Awaitable[None]], name: str) -> asyncio.Task[None]:
+        async def run() -> None:
+            await job()
+
+        return asyncio.get_running_loop().create_task(run(), name=name)
+
+    @staticmethod
+    async def stop(task: asyncio.Task[None]) -> None:
+        if task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 Job = Callable[[], float | None]
 AsyncJob = Callable[[], Awaitable[float | None]]
 OnError = Callable[[BaseException], float]

@@ -156,7 +156,8 @@ def test_cold_stampede_makes_one_exchange(
 def test_a_namespace_is_one_slot_and_its_scripts_run_on_its_node(
     cluster: EmbeddedCluster, fake_k2: FakeK2Server
 ) -> None:
-    kwargs = provider_kwargs(cluster.cluster_url, fake_k2.base_url)
+    # Without the backplane: its subscriptions would satisfy the "waiter subscribed" signal below.
+    kwargs = provider_kwargs(cluster.cluster_url, fake_k2.base_url, backplane=False)
     holder, waiter = SharedTokenProvider(**kwargs), SharedTokenProvider(**kwargs)
     keys = holder.keys
     names = [*keys.all, keys.channel]

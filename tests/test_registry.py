@@ -22,7 +22,7 @@ from k2_shared_token import AsyncProviderRegistry, ProviderRegistry
 from k2_shared_token._core.errors import ConfigurationError
 from k2_shared_token.testing.fake_k2 import FakeK2Server
 from k2_shared_token.testing.redis_server import EmbeddedRedis
-from tests.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, wait_until
 
 CLIENTS = {
     "tenant-a-client-id": "tenant-a-secret-not-for-logs-1",
@@ -114,8 +114,13 @@ def test_every_provider_uses_the_registry_client_and_one_connection(
         assert provider._store.client is registry.client
         provider.get_token()
     own = redis_client.client_id()
+    wait_until(
+        lambda: len(redis_client.pubsub_channels()) == len(providers), 5, "the subscriptions"
+    )
     others = [c for c in redis_client.client_list() if int(c["id"]) != own]
-    assert len(others) == 1  # three namespaces warmed one after another: one pooled connection
+    # Three namespaces warmed one after another: one pooled connection for commands, and one
+    # subscription (the fleet backplane) for all three namespaces' channels.
+    assert sorted(int(c["sub"]) for c in others) == [0, len(providers)]
 
 
 def test_the_same_pair_with_another_secret_is_refused_without_echoing_either(

@@ -446,6 +446,8 @@ async def async_shares_with_sync(
     takes what an asyncio provider exchanged.
     """
     assert fake_k2.exchanges == 0
+    # Without the backplane: its subscriptions would satisfy ``subscribers`` before the wait.
+    kwargs = {**kwargs, "backplane": False}
     holder = SharedTokenProvider(**kwargs)
     held: list[str] = []
     fake_k2.pause_tokens()

@@ -39,10 +39,11 @@ from .._core.tokens import AccessToken, Held, Snapshot
 from .._core.windows import Windows
 from .._extras import AsyncProviderExtras
 from .._k2.transport import AsyncTransport
-from .._redis import crypto
+from .._redis import codec, crypto
 from .._redis.clients import connect
 from .._redis.commands import Namespace
 from .._redis.layout import Keys
+from .backplane import AsyncBackplane, backplane_for
 from .exchange import AsyncExchangeClient
 from .store import AsyncRedisStore
 
@@ -111,6 +112,7 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
             self._refresh_job, self._refresh_crashed, f"k2-token-refresh-{s.namespace}"
         )
         self._local.kick = self._refresher.kick
+        self._backplane: AsyncBackplane | None = None
         self._closed = False
         _concurrency.reset_in_children(self)
 
@@ -148,6 +150,8 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
     async def _get_slow(self) -> AccessToken:
         self._check_open()
         s = self.settings
+        if self._backplane is None and s.backplane:
+            self._join_backplane()
         seen: Snapshot | None = None
         if not s.local_cache:
             seen = await self._shared_read()
@@ -230,6 +234,29 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
         held = self._local.held
         pause = self._windows.retry_interval(held.lifetime if held is not None else None)
         return self._instruments.refresh_crashed(exc, pause)
+
+    # -- the fleet backplane -----------------------------------------------------------------
+
+    def _join_backplane(self) -> None:
+        """Listen to the namespace's announcements (on first use: the asyncio side needs its
+        running loop)."""
+        backplane = backplane_for(self._store.client)
+        if backplane is not None:
+            self._backplane = backplane
+            backplane.join(self.keys.channel, id(self), self._announced, self._local.recheck_now)
+
+    def _announced(self, raw: bytes) -> None:
+        """A token was written, invalidated or revoked somewhere in the fleet."""
+        ann = self._ops.announcement(raw)
+        if ann is None:
+            return
+        if ann.dropped is not None:
+            held = self._local.held
+            if held is not None and codec.digest(held.token.value) == ann.dropped:
+                self._local.forget(held.token.value)
+        elif ann.stored is not None and ann.ttl_ms > 0:
+            snap = Snapshot(ann.stored, ann.ttl_ms, time.monotonic(), time.time())
+            self._local.adopt(snap, self._local.generation)
 
     # -- performing the core's effects -------------------------------------------------------
 
@@ -348,6 +375,7 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
         """This process's counters (see :mod:`.._core.metrics`) and time sums
         (``<event>_seconds``)."""
         out: dict[str, float] = {metrics.LOCAL_HIT: self._local.hits}
+        out["backplane"] = float(self._backplane is not None and self._backplane.connected)
         out.update(self._metrics.counts())
         out.update({f"{name}_seconds": t for name, t in self._metrics.seconds().items()})
         return out
@@ -370,6 +398,7 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
         self._local.reset_after_fork()
         self._metrics.reset_after_fork()
         self._flight = AsyncFlight()
+        self._backplane = None
         self._refresher = self._refresher.after_fork()
         self._local.kick = self._refresher.kick
         self._exchange.transport.reset_after_fork()
@@ -382,6 +411,8 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
             return
         self._closed = True
         self._local.drop()
+        if self._backplane is not None:
+            await self._backplane.leave(self.keys.channel, id(self))
         await self._refresher.aclose()
         await self._exchange.transport.aclose()
         if self._owns_redis:

@@ -85,6 +85,14 @@ class LocalCopy:
                 self._generation += 1
                 self.held = None
 
+    def recheck_now(self) -> None:
+        """Have the next call confirm the copy against Redis (off the callers' path): the
+        fleet's announcements may have been missed."""
+        with self._lock:
+            held = self.held
+            if held is not None:
+                self.held = replace(held, recheck_at=0.0)
+
     def drop(self) -> None:
         """Drop whatever is held (the provider is closing)."""
         with self._lock:

@@ -237,6 +237,11 @@ class Settings:
         "comma-separated in the environment); the `encryption` extra", KEYS,
         env=crypto.ENV_KEYS, secret=True,
     )  # fmt: skip
+    backplane: bool = knob(
+        True, "one subscription per Redis per process to the namespaces' announcements: every "
+        "copy follows a new, invalidated or revoked token within milliseconds (off: copies are "
+        "re-checked every `local_max_age`)", FLAG,
+    )  # fmt: skip
     key_prefix: str = knob("k2", "first part of every key", PREFIX)
     allow_insecure_http: bool = knob(
         False, "`http://` is refused except for loopback hosts", FLAG

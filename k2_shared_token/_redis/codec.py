@@ -36,6 +36,7 @@ _VALUE_RE = re.compile(rb"^(\d{1,19}):([0-9a-f]{32}):(.{1,16384})$", re.DOTALL)
 MAX_TOKEN_CHARS = 4096
 MAX_LIFETIME = 10 * 366 * 86400
 _ANNOUNCED_TTL = re.compile(rb"[0-9]{1,12}")
+_DIGEST = re.compile(rb"[0-9a-f]{32}")
 
 
 class CorruptValueError(ValueError):
@@ -137,6 +138,7 @@ class Announcement:
     ttl_ms: int
     error_code: str | None
     holdoff_ms: int = 0  # with a failure: how long the fleet will not ask K2 again
+    dropped: str | None = None  # the digest of a token invalidated or revoked: drop it
 
 
 def announce_failure(code: str, holdoff_ms: int = 0) -> str:
@@ -152,4 +154,6 @@ def decode_announcement(raw: bytes, cipher: TokenCipher | None = None) -> Announ
         ttl, sep, value = raw[1:].partition(b":")
         if sep and _ANNOUNCED_TTL.fullmatch(ttl):
             return Announcement(decode(value, cipher), int(ttl), None)
+    if raw.startswith(b"D") and _DIGEST.fullmatch(raw[1:]):
+        return Announcement(None, 0, None, dropped=raw[1:].decode("ascii"))
     raise CorruptValueError("not a k2_shared_token announcement")

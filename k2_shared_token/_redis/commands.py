@@ -292,7 +292,8 @@ class Namespace:
         return [self._release(owner, "", "", 0) for owner in owners]
 
     def invalidate(self, token: str) -> Call[bool]:
-        return Call("invalidate", INVALIDATE, [self.keys.token], [codec.digest(token)], bool)
+        k = self.keys
+        return Call("invalidate", INVALIDATE, [k.token], [codec.digest(token), k.channel], bool)
 
     # -- the waiter's subscription -----------------------------------------------------------
 
@@ -312,17 +313,24 @@ class Namespace:
             return WaitOutcome(None)
         return None
 
-    def on_message(self, data: bytes | str) -> WaitOutcome | None:
-        """A message on the namespace channel: a token, a failure, or noise (None)."""
+    def announcement(self, data: bytes | str) -> codec.Announcement | None:
+        """A message on the namespace channel, decoded; None (logged) if it is not ours."""
         try:
             raw = data.encode() if isinstance(data, str) else data
-            ann = codec.decode_announcement(raw, self.cipher)
+            return codec.decode_announcement(raw, self.cipher)
         except codec.CorruptValueError as exc:
             log.warning("namespace %s: ignoring unreadable announcement (%s)", self.namespace, exc)
             return None
+
+    def on_message(self, data: bytes | str) -> WaitOutcome | None:
+        """A message on the namespace channel, to a waiter: a token, a failure, or nothing."""
+        ann = self.announcement(data)
+        if ann is None:
+            return None
         if ann.error_code is not None:
             return WaitOutcome(None, ann.error_code, holdoff_ms=ann.holdoff_ms)
-        assert ann.stored is not None
+        if ann.stored is None:  # a token dropped: nothing for a waiter
+            return None
         return WaitOutcome(Snapshot(ann.stored, ann.ttl_ms, time.monotonic(), time.time()))
 
     # -- status ------------------------------------------------------------------------------

@@ -171,11 +171,13 @@ INVALIDATE = (
     + """
 if not v or string.match(v, '^%d+:(%x+):') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[2], 'D' .. ARGV[1])
 return 1
 """
 )
 """Delete the token only if it is still the one the caller saw fail.
 
-KEYS: token. ARGV: digest of the failed token. Many workers that see the same 401 therefore
-cause one refresh, not a loop of deletions of each other's fresh tokens.
+KEYS: token. ARGV: digest of the failed token, channel. Many workers that see the same 401
+therefore cause one refresh, not a loop of deletions of each other's fresh tokens. A deletion is
+announced (``D<digest>``), so every process drops its copy at once (the fleet backplane).
 """

@@ -40,10 +40,11 @@ from .._core.tokens import AccessToken, Held, Snapshot
 from .._core.windows import Windows
 from .._extras import ProviderExtras
 from .._k2.transport import Transport
-from .._redis import crypto
+from .._redis import codec, crypto
 from .._redis.clients import connect
 from .._redis.commands import Namespace
 from .._redis.layout import Keys
+from .backplane import Backplane, backplane_for
 from .exchange import ExchangeClient
 from .store import RedisStore
 
@@ -112,6 +113,7 @@ class SharedTokenProvider(ProviderExtras):
             self._refresh_job, self._refresh_crashed, f"k2-token-refresh-{s.namespace}"
         )
         self._local.kick = self._refresher.kick
+        self._backplane: Backplane | None = None
         self._closed = False
         _concurrency.reset_in_children(self)
 
@@ -149,6 +151,8 @@ class SharedTokenProvider(ProviderExtras):
     def _get_slow(self) -> AccessToken:
         self._check_open()
         s = self.settings
+        if self._backplane is None and s.backplane:
+            self._join_backplane()
         seen: Snapshot | None = None
         if not s.local_cache:
             seen = self._shared_read()
@@ -231,6 +235,29 @@ class SharedTokenProvider(ProviderExtras):
         held = self._local.held
         pause = self._windows.retry_interval(held.lifetime if held is not None else None)
         return self._instruments.refresh_crashed(exc, pause)
+
+    # -- the fleet backplane -----------------------------------------------------------------
+
+    def _join_backplane(self) -> None:
+        """Listen to the namespace's announcements (on first use: the asyncio side needs its
+        running loop)."""
+        backplane = backplane_for(self._store.client)
+        if backplane is not None:
+            self._backplane = backplane
+            backplane.join(self.keys.channel, id(self), self._announced, self._local.recheck_now)
+
+    def _announced(self, raw: bytes) -> None:
+        """A token was written, invalidated or revoked somewhere in the fleet."""
+        ann = self._ops.announcement(raw)
+        if ann is None:
+            return
+        if ann.dropped is not None:
+            held = self._local.held
+            if held is not None and codec.digest(held.token.value) == ann.dropped:
+                self._local.forget(held.token.value)
+        elif ann.stored is not None and ann.ttl_ms > 0:
+            snap = Snapshot(ann.stored, ann.ttl_ms, time.monotonic(), time.time())
+            self._local.adopt(snap, self._local.generation)
 
     # -- performing the core's effects -------------------------------------------------------
 
@@ -349,6 +376,7 @@ class SharedTokenProvider(ProviderExtras):
         """This process's counters (see :mod:`.._core.metrics`) and time sums
         (``<event>_seconds``)."""
         out: dict[str, float] = {metrics.LOCAL_HIT: self._local.hits}
+        out["backplane"] = float(self._backplane is not None and self._backplane.connected)
         out.update(self._metrics.counts())
         out.update({f"{name}_seconds": t for name, t in self._metrics.seconds().items()})
         return out
@@ -371,6 +399,7 @@ class SharedTokenProvider(ProviderExtras):
         self._local.reset_after_fork()
         self._metrics.reset_after_fork()
         self._flight = Flight()
+        self._backplane = None
         self._refresher = self._refresher.after_fork()
         self._local.kick = self._refresher.kick
         self._exchange.transport.reset_after_fork()
@@ -383,6 +412,8 @@ class SharedTokenProvider(ProviderExtras):
             return
         self._closed = True
         self._local.drop()
+        if self._backplane is not None:
+            self._backplane.leave(self.keys.channel, id(self))
         self._refresher.close()
         self._exchange.transport.close()
         if self._owns_redis:
