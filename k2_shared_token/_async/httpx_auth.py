@@ -44,7 +44,7 @@ class AsyncK2HttpxAuth(httpx.Auth):
         response = yield request
         failed = failed_token(request, response)
         if failed is not None:
-            await self.source.invalidate(failed)
+            await self.source.report_rejected(failed)
             request.headers["Authorization"] = (await self.source.get()).authorization
             yield request
 

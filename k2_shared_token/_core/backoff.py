@@ -64,6 +64,34 @@ class BackoffPolicy:
         return max(wait, min(error.retry_after or 0.0, RETRY_AFTER_CAP))
 
 
+class LocalRevocations:
+    """How often a process without Redis may replace its own token after K2 rejected it.
+
+    With Redis down, each process exchanges for itself. If K2 revokes a client's previous token
+    whenever it issues one (Doorkeeper's ``revoke_previous_client_credentials_token``), every
+    such exchange kills the other processes' tokens, whose next exchange kills this one's: a
+    revocation war, at the request rate. So a rejected token of our own is replaced at most
+    once per pause, doubling from ``first`` to ``cap``; in between the process keeps sending
+    it (those calls end on a 401, a count bounded by this pause, not by the request rate).
+    """
+
+    def __init__(self, first: float = 1.0, cap: float = 8.0) -> None:
+        self.first, self.cap = first, cap
+        self.pause = 0.0
+        self.not_before = 0.0
+        self.warned = False
+
+    def may_replace(self, now: float) -> bool:
+        if now < self.not_before:
+            return False
+        self.pause = min(self.cap, self.pause * 2 if self.pause else self.first)
+        self.not_before = now + self.pause
+        return True
+
+    def reset(self) -> None:
+        self.pause, self.not_before, self.warned = 0.0, 0.0, False
+
+
 class LocalFailures:
     """The hold-off of a process that cannot reach Redis (local fallback): same policy, kept in
     memory. Mutated only by the flow's local branch, under the provider's single flight."""

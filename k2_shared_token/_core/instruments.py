@@ -91,6 +91,31 @@ class Instruments:
             settled,
         )
 
+    def revocation_war(self, revocations: Any, pause: float) -> None:
+        """Logged once per outage: what is happening, and what to do about it."""
+        if revocations.warned:
+            return
+        revocations.warned = True
+        log.warning(
+            "namespace %s: K2 rejected this process's own token while Redis is unavailable: "
+            "K2 probably revokes a client's previous token on each issue, so the processes "
+            "exchanging for themselves revoke each other's. Replacing it at most every %.0f s "
+            "(calls in between get the 401); restore Redis so the fleet shares one token",
+            self.namespace,
+            pause,
+        )
+
+    def foreign_revocation(self, value: str, seconds_left: float) -> None:
+        log.warning(
+            "namespace %s: K2 rejected the shared token %s with %.0f s left, and no process of "
+            "this fleet replaced or revoked it: another deployment probably uses the same client "
+            "id (with revoke_previous_client_credentials_token each of its exchanges revokes "
+            "ours); give each deployment its own application",
+            self.namespace,
+            fingerprint_of(value),
+            seconds_left,
+        )
+
     def invalidated(self, value: str, deleted: bool) -> bool:
         log.info(
             "namespace %s: token %s invalidated (%s)",

@@ -45,7 +45,7 @@ class K2HttpxAuth(httpx.Auth):
         response = yield request
         failed = failed_token(request, response)
         if failed is not None:
-            self.source.invalidate(failed)
+            self.source.report_rejected(failed)
             request.headers["Authorization"] = (self.source.get()).authorization
             yield request
 

@@ -29,7 +29,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .. import _concurrency
 from .._concurrency import Flight, Refresher, Timer
 from .._core import flow, metrics
-from .._core.backoff import BackoffPolicy, LocalFailures, credentials_fingerprint
+from .._core.backoff import (
+    BackoffPolicy,
+    LocalFailures,
+    LocalRevocations,
+    credentials_fingerprint,
+)
 from .._core.errors import ConfigurationError, K2TokenError, SharedCacheError
 from .._core.gate import RedisGate
 from .._core.instruments import Instruments
@@ -106,6 +111,7 @@ class SharedTokenProvider(ProviderExtras):
         )
         # Only the fallback's single-flight leader touches it: no lock needed.
         self._local_failures = LocalFailures() if s.fallback else None
+        self._revocations = LocalRevocations(cap=max(s.redis_cooldown, 1.0))
         self._store = RedisStore(client, self._ops)
         self._exchange = ExchangeClient(s, Transport(session))
         self._flight: Flight[Held] = Flight()
@@ -362,6 +368,35 @@ class SharedTokenProvider(ProviderExtras):
             self._gate.fallback_or_raise(exc)
             deleted = False
         return self._instruments.invalidated(value, deleted)
+
+    def report_rejected(self, token: str | AccessToken) -> bool:
+        """K2 answered 401 to a request sent with ``token``: drop it as :meth:`invalidate`
+        does, and read what the rejection says about the server (the auths call this).
+
+        * The shared token, rejected while still fresh (before any process of this fleet had
+          reason to replace it) and not revoked by it: another deployment shares the client
+          id. Logged as a warning.
+        * This process's own token, exchanged while Redis is down: replaced at most once per
+          pause (:class:`.._core.backoff.LocalRevocations`), so processes in fallback against a
+          server that revokes the previous token do not revoke each other at the request rate.
+        """
+        value = token.value if isinstance(token, AccessToken) else token
+        held = self._local.held
+        now = time.monotonic()
+        mine = held is not None and held.token.value == value
+        # Still fresh: no process of this fleet had reason to replace it yet.
+        fresh = held is not None and mine and held.is_fresh(now)
+        left = held.source.expires_at - now if held is not None and mine else 0.0
+        if mine and held is not None and held.source.stored.fence == 0:
+            if not self._revocations.may_replace(time.monotonic()):
+                self._instruments.revocation_war(self._revocations, self._revocations.pause)
+                return False
+        else:
+            self._revocations.reset()
+        deleted = self.invalidate(value)
+        if deleted and fresh:
+            self._instruments.foreign_revocation(value, left)
+        return deleted
 
     def httpx_auth(self) -> K2HttpxAuth:
         """An ``httpx.Auth`` that sends ``Authorization: Bearer ...`` and, on a 401, invalidates

@@ -36,7 +36,7 @@ class K2BearerAuth(AuthBase):
         header = request.headers.get("Authorization", "")
         _, _, failed = header.partition(" ")
         if failed:
-            self.provider.invalidate(failed)
+            self.provider.report_rejected(failed)
         retry = request.copy()
         retry.headers["Authorization"] = self.provider.get().authorization
         # The retry must not be retried again: drop this hook from the copy (copy() shares the

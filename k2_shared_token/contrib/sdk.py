@@ -93,7 +93,7 @@ class CurrentTokenService:
             except Exception as exc:
                 if not _is_unauthorized(exc):
                     raise
-                self.provider.invalidate(token)
+                self.provider.report_rejected(token)
                 _, service = self._current()
                 return getattr(service, name)(*args, **kwargs)
 
