@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from ._core.errors import (
         ConfigurationError,
         InvalidCredentialsError,
+        InvalidTokenError,
         InvalidTokenResponseError,
         K2TokenError,
         SharedCacheError,
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     )
     from ._core.settings import PRODUCTION_URL, SANDBOX_URL
     from ._core.tokens import AccessToken
+    from ._k2.token_api import Introspection, TokenInfo
     from ._sync.provider import SharedTokenProvider
     from ._sync.registry import ProviderRegistry
 
@@ -35,12 +37,15 @@ _HOMES = {
     "SharedTokenProvider": "._sync.provider",
     "ProviderRegistry": "._sync.registry",
     "AccessToken": "._core.tokens",
+    "Introspection": "._k2.token_api",
+    "TokenInfo": "._k2.token_api",
     "PRODUCTION_URL": "._core.settings",
     "SANDBOX_URL": "._core.settings",
     **dict.fromkeys(
         (
             "ConfigurationError",
             "InvalidCredentialsError",
+            "InvalidTokenError",
             "InvalidTokenResponseError",
             "K2TokenError",
             "SharedCacheError",
@@ -70,7 +75,9 @@ __all__ = [
     "AsyncProviderRegistry",
     "AsyncSharedTokenProvider",
     "ConfigurationError",
+    "Introspection",
     "InvalidCredentialsError",
+    "InvalidTokenError",
     "InvalidTokenResponseError",
     "K2TokenError",
     "ProviderRegistry",
@@ -78,6 +85,7 @@ __all__ = [
     "SharedTokenProvider",
     "TokenEndpointError",
     "TokenEndpointUnavailableError",
+    "TokenInfo",
     "TokenRequestRejectedError",
     "TokenUnavailableError",
     "__version__",

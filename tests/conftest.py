@@ -92,7 +92,8 @@ def make_provider(
     build = maker(side, event_loop_thread)
 
     def make(**overrides: Any) -> SharedTokenProvider:
-        provider = build(**provider_kwargs(redis_server.url, fake_k2.base_url, **overrides))
+        base_url = overrides.pop("base_url", fake_k2.base_url)
+        provider = build(**provider_kwargs(redis_server.url, base_url, **overrides))
         made.append(provider)
         return provider  # type: ignore[no-any-return]
 

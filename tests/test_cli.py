@@ -99,9 +99,10 @@ def test_console_script_help_lists_every_subcommand() -> None:
     script = Path(sys.executable).parent / "k2-token"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True,
                             timeout=60, check=True)  # fmt: skip
-    for name in ("get", "status", "invalidate", "fake-server", "demo"):
+    names = ("get", "revoke", "introspect", "info", "status", "invalidate", "fake-server", "demo")
+    for name in names:
         assert name in result.stdout
-    for name in ("get", "status", "invalidate", "fake-server", "demo"):
+    for name in names:
         sub = subprocess.run([str(script), name, "--help"], capture_output=True, text=True,
                              timeout=60, check=True)  # fmt: skip
         assert "usage: k2-token" in sub.stdout

@@ -393,6 +393,47 @@ def test_token_info(server: FakeK2Server) -> None:
     assert_oauth_error(revoked, 401, "invalid_token", "The access token was revoked")
 
 
+def test_introspection_times_as_doorkeeper_integers(
+    make_server: Callable[..., FakeK2Server],
+) -> None:
+    srv = make_server(introspection_times="int", expires_in=120)
+    token = new_token(srv)
+    body = introspect(srv, token).json()
+    assert isinstance(body["exp"], int)
+    assert isinstance(body["iat"], int)
+    assert body["exp"] - body["iat"] == 120
+    assert abs(body["iat"] - time.time()) < 5
+    srv.introspection_times = "iso"
+    assert ISO_EAT.match(introspect(srv, token).json()["exp"])
+    with pytest.raises(ValueError, match="introspection_times"):
+        srv.introspection_times = "rfc822"
+
+
+def test_token_info_rounds_like_doorkeeper_and_reads_every_token_place(
+    make_server: Callable[..., FakeK2Server],
+) -> None:
+    srv = make_server(expires_in=2)
+    token = new_token(srv)
+    assert token_info(srv, token).json()["expires_in"] in (1, 2)
+    # 0.4 s left (on the server's own clock): Doorkeeper rounds to 0 while the token works.
+    time.sleep(max(0.0, srv.issued[-1].issued_at + 1.6 - time.monotonic()))
+    assert srv.is_valid(token)
+    assert token_info(srv, token).json()["expires_in"] == 0
+    srv.expires_in = 60
+    token = new_token(srv)
+    url = f"{srv.base_url}/oauth/token/info"
+    for param in ("access_token", "bearer_token"):
+        reply = requests.get(url, params={param: token}, timeout=TIMEOUT)
+        assert reply.status_code == 200
+        assert reply.json()["application"] == {"uid": ID}
+
+
+def test_add_client_registers_a_second_application(server: FakeK2Server) -> None:
+    server.add_client("second-client", "second-secret")
+    theirs = new_token(server, "second-client", "second-secret")
+    assert introspect(server, theirs).json() == {"active": False}  # not ours to see
+
+
 def test_protected_api_and_its_counters(server: FakeK2Server) -> None:
     token = new_token(server)
     ok = ping(server, token)

@@ -34,15 +34,16 @@ from .._core.backoff import (
     LocalRevocations,
     credentials_fingerprint,
 )
-from .._core.errors import ConfigurationError, K2TokenError, SharedCacheError
+from .._core.errors import ConfigurationError, InvalidTokenError, K2TokenError, SharedCacheError
 from .._core.gate import RedisGate
 from .._core.instruments import Instruments
 from .._core.local_copy import LocalCopy
 from .._core.metrics import Hook, Metrics
 from .._core.settings import DEFAULT_REDIS_URL, SANDBOX_URL, Settings, options_from_env
-from .._core.tokens import AccessToken, Held, Snapshot
+from .._core.tokens import AccessToken, Held, Snapshot, fingerprint_of
 from .._core.windows import Windows
 from .._extras import AsyncProviderExtras
+from .._k2.token_api import Introspection, TokenInfo, check_token
 from .._k2.transport import AsyncTransport
 from .._redis import codec, crypto
 from .._redis.clients import connect
@@ -51,6 +52,7 @@ from .._redis.layout import Keys
 from .backplane import AsyncBackplane, backplane_for
 from .exchange import AsyncExchangeClient
 from .store import AsyncRedisStore
+from .token_api import AsyncTokenApiClient
 
 if TYPE_CHECKING:
     from .httpx_auth import AsyncK2HttpxAuth
@@ -113,6 +115,7 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
         self._revocations = LocalRevocations(cap=max(s.redis_cooldown, 1.0))
         self._store = AsyncRedisStore(client, self._ops)
         self._exchange = AsyncExchangeClient(s, AsyncTransport(session))
+        self._token_api = AsyncTokenApiClient(s, self._exchange.transport)
         self._flight: AsyncFlight[Held] = AsyncFlight()
         self._refresher = AsyncRefresher(
             self._refresh_job, self._refresh_crashed, f"k2-token-refresh-{s.namespace}"
@@ -396,6 +399,60 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
         if deleted and fresh:
             self._instruments.foreign_revocation(value, left)
         return deleted
+
+    # -- the rest of K2's token API: revoke, introspect, token info -------------------------
+
+    async def _token_value(self, token: str | AccessToken | None) -> str:
+        self._check_open()
+        if token is None:
+            return (await self.get()).value
+        return check_token(token.value if isinstance(token, AccessToken) else token)
+
+    async def revoke(self, token: str | AccessToken | None = None) -> bool:
+        """Revoke ``token`` at K2 (``POST /oauth/revoke``; by default the current shared
+        token), then :meth:`invalidate` it: compare-and-delete in Redis and drop this
+        process's copy, so the next call gets a new token with one exchange fleet-wide.
+
+        True if it was the shared token in Redis. K2 answers 200 for an unknown or already
+        revoked token too; it refuses (:class:`TokenRequestRejectedError`, 403
+        ``unauthorized_client``) wrong credentials or another client's token, and then
+        nothing is invalidated.
+        """
+        value = await self._token_value(token)
+        await self._token_api.revoke(value)
+        try:
+            return await self.invalidate(value)
+        except SharedCacheError:
+            log.warning(
+                "namespace %s: token %s was revoked at K2 but Redis failed, so the shared copy "
+                "was not dropped; other processes drop it at their first 401",
+                self.namespace,
+                fingerprint_of(value),
+            )
+            raise
+
+    async def introspect(self, token: str | AccessToken | None = None) -> Introspection:
+        """What K2 says about ``token`` (``POST /oauth/introspect``; by default the current
+        shared token): ``active``, ``scope``, ``client_id``, ``token_type``, and ``exp`` and
+        ``iat`` as aware datetimes. A dead or foreign token is ``active=False``."""
+        return await self._token_api.introspect(await self._token_value(token))
+
+    async def token_info(self, token: str | AccessToken | None = None) -> TokenInfo:
+        """``GET /oauth/token/info`` with the current shared token as the bearer (or
+        ``token``): remaining ``expires_in``, ``scope``, ``application_uid``, ``created_at``.
+
+        With the shared token, a 401 ``invalid_token`` is handled as the auths handle one:
+        the token is invalidated and the call made once more with the current one. With an
+        explicit ``token`` it raises :class:`InvalidTokenError`.
+        """
+        if token is not None:
+            return await self._token_api.token_info(await self._token_value(token))
+        current = await self._token_value(None)
+        try:
+            return await self._token_api.token_info(current)
+        except InvalidTokenError:
+            await self.invalidate(current)
+            return await self._token_api.token_info(await self._token_value(None))
 
     def httpx_auth(self) -> AsyncK2HttpxAuth:
         """An ``httpx.Auth`` that sends ``Authorization: Bearer ...`` and, on a 401, invalidates

@@ -2,8 +2,9 @@
 
 Configuration comes from flags or the variables ``SharedTokenProvider.from_env`` reads:
 K2_CLIENT_ID, K2_CLIENT_SECRET, K2_BASE_URL, K2_REDIS_URL (else REDIS_URL) and
-K2_TOKEN_ENCRYPTION_KEYS. Only ``get`` needs the secret; ``status`` and ``invalidate`` work from
-the namespace (base URL and client id).
+K2_TOKEN_ENCRYPTION_KEYS. ``get``, ``revoke``, ``introspect`` and ``info`` need the secret;
+``status`` and ``invalidate`` work from the namespace (base URL and client id). No command
+prints a token except ``get``: the others show its ``sha256:`` fingerprint.
 
 Exit codes: 0 ok, 1 an invariant or a K2 error, 2 missing or bad configuration, 3 Redis
 unreachable, 4 K2 rejected the credentials.
@@ -39,6 +40,9 @@ from .._redis import crypto
 from .._version import __version__
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
+    from .._sync.provider import SharedTokenProvider
     from .._sync.store import RedisStore
 
 # Commands whose module (and its imports: the test kit, an embedded Redis, the demo) loads
@@ -92,7 +96,8 @@ def _store(args: argparse.Namespace) -> RedisStore:
     )
 
 
-def _get(args: argparse.Namespace) -> int:
+def _provider(args: argparse.Namespace) -> SharedTokenProvider:
+    """The provider the token commands use: the environment, then the flags."""
     from .._sync.provider import SharedTokenProvider  # noqa: PLC0415
 
     given = {f.name: getattr(args, f.name, None) for f in knobs()}
@@ -105,8 +110,92 @@ def _get(args: argparse.Namespace) -> int:
         "on_redis_error": "raise",  # a command reports an unreachable Redis rather than hide it
     }
     overrides = {name: value for name, value in given.items() if value is not None}
-    with SharedTokenProvider.from_env(os.environ, **overrides) as provider:
+    return SharedTokenProvider.from_env(os.environ, **overrides)
+
+
+def _get(args: argparse.Namespace) -> int:
+    with _provider(args) as provider:
         print(provider.get_token())
+    return 0
+
+
+def _when(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
+def _rows(rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from .._core.tokens import fingerprint_of  # noqa: PLC0415
+
+    with _provider(args) as provider:
+        token = provider.get_token() if args.token is None else args.token
+        dropped = provider.revoke(token)
+    if args.json:
+        out = {"revoked": True, "token": fingerprint_of(token), "shared_token_dropped": dropped}
+        print(json.dumps(out, indent=2))
+    else:
+        shared = "dropped from Redis" if dropped else "it was not the shared token"
+        print(f"revoked {fingerprint_of(token)} ({shared})")
+    return 0
+
+
+def _introspect(args: argparse.Namespace) -> int:
+    from .._core.tokens import fingerprint_of  # noqa: PLC0415
+
+    with _provider(args) as provider:
+        token = provider.get_token() if args.token is None else args.token
+        result = provider.introspect(token)
+    out: dict[str, Any] = {
+        "token": fingerprint_of(token),
+        "active": result.active,
+        "scope": result.scope,
+        "client_id": result.client_id,
+        "token_type": result.token_type,
+        "exp": _when(result.exp),
+        "iat": _when(result.iat),
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        rows = [("token", out["token"]), ("active", "yes" if result.active else "no")]
+        shown = ("scope", "client_id", "token_type", "exp", "iat")
+        rows += [(k, str(out[k]) or "(none)") for k in shown if out[k] is not None]
+        _rows(rows)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .._core.tokens import fingerprint_of  # noqa: PLC0415
+
+    with _provider(args) as provider:
+        info = provider.token_info()
+        token = provider.get_token()  # the one asked about (after a 401 and the retry, the new one)
+    fingerprint, created = fingerprint_of(token), _when(info.created_at)
+    out: dict[str, Any] = {
+        "token": fingerprint,
+        "expires_in": info.expires_in,
+        "scope": list(info.scope),
+        "application_uid": info.application_uid,
+        "created_at": created,
+        "resource_owner_id": info.resource_owner_id,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        left = "-" if info.expires_in is None else f"{info.expires_in} s"
+        _rows([
+            ("token", fingerprint),
+            ("expires in", left),
+            ("scope", " ".join(info.scope) or "(none)"),
+            ("application", info.application_uid or "-"),
+            ("created at", created or "-"),
+            ("resource owner", "-" if info.resource_owner_id is None
+             else str(info.resource_owner_id)),
+        ])  # fmt: skip
     return 0
 
 
@@ -167,8 +256,7 @@ def _status(args: argparse.Namespace) -> int:
             f"{holdoff['failed_exchanges']} failed exchanges in a row",
         ))  # fmt: skip
     rows.append(("lock acquisitions", str(status["lock_acquisitions"])))
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    _rows(rows)
     return 0
 
 
@@ -207,6 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("get", _get, 'print a valid token, e.g. for curl -H "Authorization: Bearer ..."')
     _config_flags(p, secret=True)
     _tuning_flags(p)
+    p = command("revoke", _revoke, "revoke a token at K2 (default: the shared one) and drop it")
+    _config_flags(p, secret=True)
+    _tuning_flags(p)
+    p.add_argument("--token", help="the token to revoke (default: the current shared token)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = command("introspect", _introspect, "ask K2 whether a token is active, and until when")
+    _config_flags(p, secret=True)
+    _tuning_flags(p)
+    p.add_argument("--token", help="the token to introspect (default: the current shared token)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = command("info", _info, "K2's token info for the current shared token")
+    _config_flags(p, secret=True)
+    _tuning_flags(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = command("status", _status, "show the shared token, the refresh lock and counters")
     _config_flags(p, secret=False)
     p.add_argument("--json", action="store_true", help="machine-readable output")

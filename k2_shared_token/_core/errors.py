@@ -72,6 +72,14 @@ class TokenEndpointUnavailableError(TokenEndpointError):
     code = "unavailable"
 
 
+class InvalidTokenError(TokenEndpointError):
+    """K2 answered that an access token is not valid (``invalid_token``: expired, revoked or
+    unknown), e.g. token info for a dead token. Only the token API raises it; the exchange
+    never does."""
+
+    code = "invalid_token"
+
+
 class TokenUnavailableError(K2TokenError):
     """No valid token could be had within ``wait_timeout`` (another worker holds the lock and
     has not published a token in time)."""

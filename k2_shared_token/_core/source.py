@@ -7,9 +7,12 @@ the type checker) and anything with the same methods (a test double, a wrapper) 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .tokens import AccessToken
+
+if TYPE_CHECKING:
+    from .._k2.token_api import Introspection, TokenInfo
 
 
 class TokenSource(Protocol):
@@ -20,6 +23,16 @@ class TokenSource(Protocol):
     def invalidate(self, token: str | AccessToken) -> bool: ...
 
     def report_rejected(self, token: str | AccessToken) -> bool: ...
+
+
+class TokenApiSource(TokenSource, Protocol):
+    """A token source that also speaks the rest of K2's token API (the k2-connect adapter)."""
+
+    def revoke(self, token: str | AccessToken | None = None) -> bool: ...
+
+    def introspect(self, token: str | AccessToken | None = None) -> Introspection: ...
+
+    def token_info(self, token: str | AccessToken | None = None) -> TokenInfo: ...
 
 
 class AsyncTokenSource(Protocol):

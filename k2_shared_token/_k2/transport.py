@@ -1,6 +1,8 @@
-"""The one HTTP request the exchange makes, per side: requests for blocking code, httpx for
-asyncio. Everything around it (retries, timeouts, what a reply means) is written once in
-:mod:`k2_shared_token._async.exchange` and :mod:`.attempts`.
+"""The HTTP requests we make to K2, per side: requests for blocking code, httpx for asyncio.
+One generic :meth:`~Transport.request` serves the exchange (``post``) and the token API
+(revoke, introspect, token info). Everything around it (retries, timeouts, what a reply
+means) is written once in :mod:`k2_shared_token._async.exchange`, :mod:`.attempts`,
+:mod:`k2_shared_token._async.token_api` and :mod:`.token_api`.
 
 A transport returns the status, the headers and at most ``limit + 1`` bytes of the body, or
 raises :class:`TransportError` naming the failure's class only: the HTTP libraries' own
@@ -48,16 +50,21 @@ class Transport:
         self._session = session or requests.Session()
         self._owns = session is None
 
-    def post(
+    def request(
         self,
+        method: str,
         url: str,
-        data: dict[str, str],
-        headers: dict[str, str],
+        *,
+        data: Mapping[str, str] | None,
+        headers: Mapping[str, str],
         timeout: tuple[float, float],
         limit: int,
     ) -> Reply:
+        """One request, no redirects followed; ``data`` is sent form-encoded (``None``: no
+        body); at most ``limit + 1`` bytes of the reply's body are read."""
         try:
-            with self._session.post(
+            with self._session.request(
+                method,
                 url,
                 data=data,
                 headers=headers,
@@ -71,6 +78,16 @@ class Transport:
         # which reaches us unwrapped while the body is read.
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError) as e:
             raise TransportError(type(e).__name__) from None
+
+    def post(
+        self,
+        url: str,
+        data: Mapping[str, str],
+        headers: Mapping[str, str],
+        timeout: tuple[float, float],
+        limit: int,
+    ) -> Reply:
+        return self.request("POST", url, data=data, headers=headers, timeout=timeout, limit=limit)
 
     def reset_after_fork(self) -> None:
         """Pooled connections are shared with the parent after fork(); start a fresh pool."""
@@ -112,20 +129,27 @@ class AsyncTransport:
             client = self._client = self._httpx.AsyncClient(follow_redirects=False)
         return client
 
-    async def post(
+    async def request(
         self,
+        method: str,
         url: str,
-        data: dict[str, str],
-        headers: dict[str, str],
+        *,
+        data: Mapping[str, str] | None,
+        headers: Mapping[str, str],
         timeout: tuple[float, float],
         limit: int,
     ) -> Reply:
+        """As :meth:`Transport.request`."""
         httpx = self._httpx
         connect, read = timeout
         try:
             timeouts = httpx.Timeout(read, connect=connect)
             async with self._http().stream(
-                "POST", url, data=data, headers=headers, timeout=timeouts
+                method,
+                url,
+                data=dict(data) if data is not None else None,
+                headers=dict(headers),
+                timeout=timeouts,
             ) as response:
                 body = b""
                 async for chunk in response.aiter_bytes():
@@ -135,6 +159,18 @@ class AsyncTransport:
                 return Reply(response.status_code, response.headers, body)
         except (httpx.HTTPError, OSError) as exc:
             raise TransportError(type(exc).__name__) from None
+
+    async def post(
+        self,
+        url: str,
+        data: Mapping[str, str],
+        headers: Mapping[str, str],
+        timeout: tuple[float, float],
+        limit: int,
+    ) -> Reply:
+        return await self.request(
+            "POST", url, data=data, headers=headers, timeout=timeout, limit=limit
+        )
 
     def reset_after_fork(self) -> None:
         if self._owns:

@@ -84,7 +84,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, min(86400.0, when.timestamp() - (time.time() if now is None else now)))
 
 
-def _oauth_error(body: bytes) -> str | None:
+def oauth_error(body: bytes) -> str | None:
     """The reply's OAuth ``error`` code if it has the shape of one, else ``None``."""
     try:
         data = json.loads(body)
@@ -92,6 +92,11 @@ def _oauth_error(body: bytes) -> str | None:
         return None
     error = data.get("error") if isinstance(data, dict) else None
     return error if isinstance(error, str) and _CODE_SHAPE.fullmatch(error) else None
+
+
+def shown_error(error: str | None) -> str | None:
+    """``error`` if a message may name it (a code we know), else ``None``."""
+    return error if error in _KNOWN_ERRORS else None
 
 
 def _valid_created_at(value: object) -> bool:
@@ -156,12 +161,15 @@ def parse_token_reply(status: int, headers: Mapping[str, str], body: bytes) -> t
     return token, "Bearer", int(expires_in)  # type: ignore[arg-type]
 
 
-def error_for_status(status: int, headers: Mapping[str, str], body: bytes) -> TokenEndpointError:
-    """Map a non-200 reply to its error class; the class decides whether it is retried."""
-    error = _oauth_error(body)
+def error_for_status(
+    status: int, headers: Mapping[str, str], body: bytes, *, endpoint: str = "token endpoint"
+) -> TokenEndpointError:
+    """Map a non-200 reply to its error class; the class decides whether it is retried.
+    ``endpoint`` names the endpoint in the message (the token API's endpoints share this)."""
+    error = oauth_error(body)
     retry_after = parse_retry_after(headers.get("retry-after"))
-    named = error if error in _KNOWN_ERRORS else None
-    where = f"token endpoint answered HTTP {status}" + (f" ({named})" if named else "")
+    named = shown_error(error)
+    where = f"{endpoint} answered HTTP {status}" + (f" ({named})" if named else "")
     if error == "invalid_token_reuse":
         # Not the request's fault: retried at once by the exchange, and no fleet hold-off
         # beyond the shortest one if the retries all lose the race too.

@@ -5,7 +5,11 @@ its ``Tokens`` service fetches a new token on every call and caches nothing. Two
 
 ``SharedTokens(provider)`` replaces ``k2connect.Tokens``: the same method names, answered from
 the shared cache, so ``authenticator = k2connect.Tokens`` becomes
-``authenticator = SharedTokens(provider)`` and nothing else changes.
+``authenticator = SharedTokens(provider)`` and nothing else changes. Its
+``revoke_access_token``, ``introspect_access_token`` and ``request_token_info`` take the SDK's
+``access_token`` argument and return what the SDK returns (K2's reply as a dict); a revoke also
+drops the token from the shared cache, fleet-wide. Failures raise this package's typed errors
+(:class:`K2TokenError`), as ``request_access_token`` does, not the SDK's ``K2Error``.
 
 ``CurrentTokenService(provider, factory)`` wraps a service factory (``k2connect.SendMoney`` after
 ``k2connect.initialize``, or a service class) and always calls a service built with the current
@@ -17,6 +21,7 @@ Nothing here imports ``k2connect``: the adapters work with whatever the SDK hand
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
@@ -24,13 +29,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .._core.source import TokenSource
+    from .._core.source import TokenApiSource, TokenSource
 
 
 class SharedTokens:
     """Drop-in for ``k2connect.Tokens`` backed by the shared cache."""
 
-    def __init__(self, provider: TokenSource) -> None:
+    def __init__(self, provider: TokenApiSource) -> None:
         self.provider = provider
 
     def __repr__(self) -> str:
@@ -45,6 +50,22 @@ class SharedTokens:
             "expires_in": max(0, math.floor(token.expires_at - time.time())),
             "created_at": int(time.time()),
         }
+
+    def revoke_access_token(self, access_token: str) -> dict[str, Any]:
+        """``POST oauth/revoke`` for ``access_token``, then drop it from the shared cache (the
+        next call gets a new token); K2's success reply, ``{}``."""
+        self.provider.revoke(access_token)
+        return {}
+
+    def introspect_access_token(self, access_token: str) -> dict[str, Any]:
+        """K2's introspection reply for ``access_token``, as the SDK returns it
+        (``{"active": ..., "exp": ..., ...}``; typed: ``provider.introspect``)."""
+        return copy.deepcopy(dict(self.provider.introspect(access_token).raw))
+
+    def request_token_info(self, access_token: str) -> dict[str, Any]:
+        """K2's token info reply for ``access_token`` (``GET oauth/token/info``), as the SDK
+        returns it (typed: ``provider.token_info``)."""
+        return copy.deepcopy(dict(self.provider.token_info(access_token).raw))
 
     @staticmethod
     def get_access_token(response: dict[str, Any]) -> str:

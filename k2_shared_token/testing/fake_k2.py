@@ -42,6 +42,7 @@ __all__ = [
     "CREATED_AT_FORMATS",
     "DEFAULT_CLIENT_ID",
     "DEFAULT_CLIENT_SECRET",
+    "INTROSPECTION_TIME_FORMATS",
     "TOKEN_MODES",
     "FakeK2Server",
     "Fault",
@@ -59,6 +60,9 @@ DEFAULT_CLIENT_SECRET = "FAKE-k2-client-secret-public-test-value-001"
 
 TOKEN_MODES: tuple[str, ...] = ("new", "reuse", "revoke_previous")
 CREATED_AT_FORMATS: tuple[str, ...] = ("int", "iso")
+# Introspection's exp/iat: K2's ISO-8601 strings in EAT (the SDKs' captured bodies) or stock
+# Doorkeeper's (and RFC 7662's) integer epoch seconds.
+INTROSPECTION_TIME_FORMATS: tuple[str, ...] = ("iso", "int")
 
 # K2 renders timestamps in East Africa Time (captured introspect bodies carry +03:00).
 _EAT = timezone(timedelta(hours=3))
@@ -280,6 +284,7 @@ class FakeK2Server:
         token_mode: str = "new",
         latency: float = 0.0,
         created_at: str = "int",
+        introspection_times: str = "iso",
         legacy_errors: bool = False,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -301,6 +306,9 @@ class FakeK2Server:
         self._in_flight = 0  # token requests being served (a race, in revoke-previous mode)
         self._latency = _check_latency(latency)
         self._created_at = _check_choice("created_at", created_at, CREATED_AT_FORMATS)
+        self._introspection_times = _check_choice(
+            "introspection_times", introspection_times, INTROSPECTION_TIME_FORMATS
+        )
         self._legacy_errors = bool(legacy_errors)
 
         self._lock = threading.Lock()
@@ -462,6 +470,17 @@ class FakeK2Server:
             self._created_at = checked
 
     @property
+    def introspection_times(self) -> str:
+        with self._lock:
+            return self._introspection_times
+
+    @introspection_times.setter
+    def introspection_times(self, value: str) -> None:
+        checked = _check_choice("introspection_times", value, INTROSPECTION_TIME_FORMATS)
+        with self._lock:
+            self._introspection_times = checked
+
+    @property
     def legacy_errors(self) -> bool:
         with self._lock:
             return self._legacy_errors
@@ -522,6 +541,11 @@ class FakeK2Server:
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
+
+    def add_client(self, client_id: str, client_secret: str) -> None:
+        """Register another application (a second client id), e.g. to own a foreign token."""
+        with self._lock:
+            self._clients[client_id] = client_secret
 
     def revoke_token(self, token: str) -> bool:
         """Revoke as an operator would; returns whether the token was known at all."""
@@ -707,14 +731,16 @@ class FakeK2Server:
             # Doorkeeper's default allow_token_introspection hides other clients' tokens.
             if record is None or record.client_id != client_id or not record.live(time.monotonic()):
                 return _json_reply(200, {"active": False})
+            exp_wall, iat_wall = record.created_wall + record.lifetime, record.created_wall
+            # K2 customises Doorkeeper here: ISO strings in EAT instead of RFC 7662 ints.
+            iso = self._introspection_times == "iso"
             body = {
                 "active": True,
                 "scope": "",
                 "client_id": record.client_id,
                 "token_type": "Bearer",
-                # K2 customises Doorkeeper here: ISO strings in EAT instead of RFC 7662 ints.
-                "exp": _iso_eat(record.created_wall + record.lifetime),
-                "iat": _iso_eat(record.created_wall),
+                "exp": _iso_eat(exp_wall) if iso else int(exp_wall),
+                "iat": _iso_eat(iat_wall) if iso else int(iat_wall),
             }
         return _json_reply(200, body)
 
@@ -868,7 +894,11 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/oauth/token" and method == "POST":
             self._handle_token(body, url.query)
         elif path == "/oauth/token/info" and method == "GET":
-            token = self._bearer_token() or dict(parse_qsl(url.query)).get("access_token")
+            # Doorkeeper's access_token_methods: the header, then access_token, then bearer_token.
+            query = dict(parse_qsl(url.query))
+            token = (
+                self._bearer_token() or query.get("access_token") or query.get("bearer_token")
+            )
             self._write(fake._token_info_reply(token))
         elif path in ("/oauth/revoke", "/oauth/introspect") and method == "POST":
             params = self._params(body, url.query)
@@ -1053,6 +1083,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per token request")
     parser.add_argument("--created-at", choices=CREATED_AT_FORMATS, default="int")
     parser.add_argument(
+        "--introspection-times",
+        choices=INTROSPECTION_TIME_FORMATS,
+        default="iso",
+        help="introspection exp/iat: K2's ISO-8601 strings or Doorkeeper's integers",
+    )
+    parser.add_argument(
         "--legacy-errors",
         action="store_true",
         help="answer every OAuth error with 401, like Doorkeeper before 5.1",
@@ -1069,6 +1105,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         token_mode=str(args.token_mode),
         latency=float(args.latency),
         created_at=str(args.created_at),
+        introspection_times=str(args.introspection_times),
         legacy_errors=bool(args.legacy_errors),
         host=str(args.host),
         port=int(args.port),
