@@ -296,7 +296,9 @@ def test_waiter_is_woken_by_pubsub_over_tls(
     all_logs: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    holder, waiter = build(tls_redis.url), build(tls_redis.url)
+    # The backplane off: its subscription would receive the announcement the probe watches.
+    holder = build(tls_redis.url, backplane=False)
+    waiter = build(tls_redis.url, backplane=False)
     probe = ParkedProbe(waiter, monkeypatch)
     held, waited = hold_and_wait(holder, waiter, fake_k2, probe)
     assert isinstance(held, AccessToken), held
@@ -425,7 +427,9 @@ def test_restricted_user_runs_the_whole_flow(
     """
     fake_k2.expires_in = 4
     url = f"{acl_redis.url}?health_check_interval=1"
-    windows = {"refresh_ahead": 2, "min_validity": 0.5}
+    # The backplane off: this test walks the re-read path (second's stale copy) that the ACL
+    # rule must allow; the backplane's SUBSCRIBE is what the waiter tests exercise.
+    windows = {"refresh_ahead": 2, "min_validity": 0.5, "backplane": False}
     first, second = build(url, **windows), build(url, **windows)
 
     old = first.get()
@@ -473,7 +477,9 @@ def test_restricted_user_waiter_is_woken_by_pubsub(
     all_logs: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    holder, waiter = build(acl_redis.url), build(acl_redis.url)
+    # The backplane off: its subscription would receive the announcement the probe watches.
+    holder = build(acl_redis.url, backplane=False)
+    waiter = build(acl_redis.url, backplane=False)
     probe = ParkedProbe(waiter, monkeypatch)
     held, waited = hold_and_wait(holder, waiter, fake_k2, probe)
     assert isinstance(held, AccessToken), held
