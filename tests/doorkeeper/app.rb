@@ -21,6 +21,7 @@
 
 require "logger"
 require "json"
+require "digest"
 require "rails"
 require "active_record/railtie"
 require "action_controller/railtie"
@@ -61,6 +62,10 @@ module DK
       @lock = Mutex.new
       @counts = Hash[KEYS.map { |k| [k, 0] }]
       @issued_at = [] # wall-clock epoch seconds of each 200 from /oauth/token
+      # Every /oauth/token request, in the order answered: began/at (epoch seconds), status,
+      # fp (the issued token's fingerprint as k2_shared_token logs it: "sha256:" + 12 hex
+      # digits, never the token) and error (the OAuth error code of a refusal).
+      @requests = []
     end
 
     def call(env)
@@ -69,11 +74,12 @@ module DK
       if path == "/__counts" && verb == "GET"
         return json(200, @lock.synchronize { @counts.dup })
       elsif path == "/__issued" && verb == "GET"
-        return json(200, { "issued_at" => @lock.synchronize { @issued_at.dup } })
+        return json(200, @lock.synchronize { { "issued_at" => @issued_at.dup, "requests" => @requests.dup } })
       elsif path == "/__reset" && verb == "POST"
         @lock.synchronize do
           KEYS.each { |k| @counts[k] = 0 }
           @issued_at.clear
+          @requests.clear
         end
         return json(200, { "reset" => true })
       end
@@ -82,14 +88,22 @@ module DK
       api = path == "/api/ping"
       bump("token_requests") if token
       bump("api_calls") if api
+      began = Process.clock_gettime(Process::CLOCK_REALTIME)
       status = 500
+      fields = {}
       begin
         status, headers, body = @app.call(env)
+        if token
+          text = read_body(body)
+          body = [text]
+          fields = token_fields(text)
+        end
         [status, headers, body]
       ensure
         status = status.to_i
         bump(status == 200 ? "token_issued" : "token_errors") if token
         issued if token && status == 200
+        record(began, status, fields) if token
         bump("api_401") if api && status == 401
         bump("api_ok") if api && status == 200
         bump("server_errors") if status >= 500
@@ -105,6 +119,33 @@ module DK
     def issued
       now = Process.clock_gettime(Process::CLOCK_REALTIME)
       @lock.synchronize { @issued_at << now }
+    end
+
+    def record(began, status, fields)
+      now = Process.clock_gettime(Process::CLOCK_REALTIME)
+      entry = { "began" => began, "at" => now, "status" => status }.merge(fields)
+      @lock.synchronize { @requests << entry }
+    end
+
+    def read_body(body)
+      text = +""
+      body.each { |chunk| text << chunk }
+      text
+    ensure
+      body.close if body.respond_to?(:close)
+    end
+
+    # The token's fingerprint and the error code of a reply; the token itself is not kept.
+    def token_fields(text)
+      reply = JSON.parse(text)
+      return {} unless reply.is_a?(Hash)
+      out = {}
+      value = reply["access_token"]
+      out["fp"] = "sha256:" + Digest::SHA256.hexdigest(value)[0, 12] if value.is_a?(String)
+      out["error"] = reply["error"].to_s[0, 64] if reply.key?("error")
+      out
+    rescue JSON::ParserError
+      {}
     end
 
     def json(status, obj)
