@@ -150,7 +150,11 @@ class AsyncRedisStore:
     ) -> None:
         await self.run(self.ops.release(lock, error_code, holdoff_ms, credentials))
 
-    async def invalidate(self, token: str) -> bool:
+    async def learn(self, trait: str) -> None:
+        await self.run(self.ops.learn(trait))
+
+    async def invalidate(self, token: str) -> int:
+        """1: deleted; 2: another token is shared (this one was replaced); 0: none is."""
         return await self.run(self.ops.invalidate(token))
 
     async def clear(self) -> bool:

@@ -265,7 +265,7 @@ def _invalidate(args: argparse.Namespace) -> int:
     if args.force:
         deleted = store.clear()
     elif args.token:
-        deleted = store.invalidate(args.token)
+        deleted = store.invalidate(args.token) == 1
     else:
         raise ConfigurationError("invalidate needs --token TOKEN (compare-and-delete) or --force")
     print("deleted" if deleted else "not deleted (no such shared token)")

@@ -70,23 +70,28 @@ class LocalRevocations:
     With Redis down, each process exchanges for itself. If K2 revokes a client's previous token
     whenever it issues one (Doorkeeper's ``revoke_previous_client_credentials_token``), every
     such exchange kills the other processes' tokens, whose next exchange kills this one's: a
-    revocation war, at the request rate. So a rejected token of our own is replaced at most
-    once per pause, doubling from ``first`` to ``cap``; in between the process keeps sending
-    it (those calls end on a 401, a count bounded by this pause, not by the request rate).
+    revocation war, at the request rate. So the first rejection is replaced at once, and each
+    one after it only after a pause doubling from ``first`` to ``cap``. In between, callers get
+    :class:`TokenUnavailableError` instead of a token K2 will refuse: the calls that end on a
+    401 are bounded by the replacements, not by the request rate.
     """
 
-    def __init__(self, first: float = 1.0, cap: float = 8.0) -> None:
+    def __init__(self, first: float = 2.0, cap: float = 30.0) -> None:
         self.first, self.cap = first, cap
         self.pause = 0.0
         self.not_before = 0.0
         self.warned = False
 
-    def may_replace(self, now: float) -> bool:
-        if now < self.not_before:
-            return False
-        self.pause = min(self.cap, self.pause * 2 if self.pause else self.first)
-        self.not_before = now + self.pause
-        return True
+    def rejected(self, now: float) -> float:
+        """This process's own token was rejected at ``now``; the pause before it is replaced."""
+        pause = self.pause
+        self.not_before = now + pause
+        self.pause = min(self.cap, pause * 2 if pause else self.first)
+        return pause
+
+    def blocked(self, now: float) -> float:
+        """Seconds until the next replacement may be exchanged (0: now)."""
+        return max(self.not_before - now, 0.0)
 
     def reset(self) -> None:
         self.pause, self.not_before, self.warned = 0.0, 0.0, False

@@ -46,6 +46,7 @@ class LockAttempt:
     holdoff_code: str | None = None  # the fleet is holding off K2 after this error...
     holdoff_ms: int = 0  # ... for this much longer
     reuse: bool = False  # the fleet has learned that K2 hands back live tokens
+    revoke: bool = False  # ... or that K2 revokes the previous token on issue
 
 
 @dataclass(frozen=True)

@@ -99,8 +99,9 @@ class Instruments:
         log.warning(
             "namespace %s: K2 rejected this process's own token while Redis is unavailable: "
             "K2 probably revokes a client's previous token on each issue, so the processes "
-            "exchanging for themselves revoke each other's. Replacing it at most every %.0f s "
-            "(calls in between get the 401); restore Redis so the fleet shares one token",
+            "exchanging for themselves revoke each other's. Replacing it after %.0f s, then "
+            "after doubling pauses (calls in between get TokenUnavailableError); restore Redis "
+            "so the fleet shares one token",
             self.namespace,
             pause,
         )

@@ -93,6 +93,15 @@ class LocalCopy:
             if held is not None:
                 self.held = replace(held, recheck_at=0.0)
 
+    def suspend(self) -> None:
+        """Stop handing out the copy: a replacement is being issued, and K2 revokes the old
+        token as it issues the new one. Callers wait for the new token (or, if the exchange
+        fails, get the old one as the last token alive)."""
+        with self._lock:
+            held = self.held
+            if held is not None:
+                self.held = replace(held, recheck_at=0.0, usable_until=0.0)
+
     def drop(self) -> None:
         """Drop whatever is held (the provider is closing)."""
         with self._lock:

@@ -139,6 +139,7 @@ class Announcement:
     error_code: str | None
     holdoff_ms: int = 0  # with a failure: how long the fleet will not ask K2 again
     dropped: str | None = None  # the digest of a token invalidated or revoked: drop it
+    replacing: bool = False  # an exchange began, and K2 revokes the previous token on issue
 
 
 def announce_failure(code: str, holdoff_ms: int = 0) -> str:
@@ -154,6 +155,8 @@ def decode_announcement(raw: bytes, cipher: TokenCipher | None = None) -> Announ
         ttl, sep, value = raw[1:].partition(b":")
         if sep and _ANNOUNCED_TTL.fullmatch(ttl):
             return Announcement(decode(value, cipher), int(ttl), None)
+    if raw == b"X":
+        return Announcement(None, 0, None, replacing=True)
     if raw.startswith(b"D") and _DIGEST.fullmatch(raw[1:]):
         return Announcement(None, 0, None, dropped=raw[1:].decode("ascii"))
     raise CorruptValueError("not a k2_shared_token announcement")

@@ -84,6 +84,7 @@ TRY_LOCK = Script.of(redis_layout.TRY_LOCK)
 PUBLISH = Script.of(redis_layout.PUBLISH)
 RELEASE = Script.of(redis_layout.RELEASE)
 INVALIDATE = Script.of(redis_layout.INVALIDATE)
+LEARN = Script.of(redis_layout.LEARN)
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,7 @@ class Namespace:
 
         def parse(reply: Any) -> LockAttempt:
             outcome, number, raw, ttl, extra, *server = reply
+            traits = _text(server[0] if server else "").split(",")
             got = outcome == 1
             text = _text(extra)
             return LockAttempt(
@@ -203,14 +205,15 @@ class Namespace:
                 streak=count(text) if got else 0,
                 holdoff_code=text if outcome == 3 else None,
                 holdoff_ms=int(number) if outcome == 3 else 0,
-                reuse="reuse" in _text(server[0] if server else "").split(","),
+                reuse="reuse" in traits,
+                revoke="revoke" in traits,
             )
 
         return Call(
             "lock",
             TRY_LOCK,
             [k.token, k.lock, k.fence, k.backoff, k.failures, k.server],
-            [owner, self.lease_ms, min_ttl_ms, self.credentials],
+            [owner, self.lease_ms, min_ttl_ms, self.credentials, k.channel],
             parse,
         )
 
@@ -291,9 +294,13 @@ class Namespace:
             owners, self._unanswered = self._unanswered, []
         return [self._release(owner, "", "", 0) for owner in owners]
 
-    def invalidate(self, token: str) -> Call[bool]:
+    def learn(self, trait: str) -> Call[Any]:
+        """Record a trait of K2's server for the namespace (see :data:`redis_layout.LEARN`)."""
+        return Call("learn", LEARN, [self.keys.server], [trait], lambda reply: reply)
+
+    def invalidate(self, token: str) -> Call[int]:
         k = self.keys
-        return Call("invalidate", INVALIDATE, [k.token], [codec.digest(token), k.channel], bool)
+        return Call("invalidate", INVALIDATE, [k.token], [codec.digest(token), k.channel], int)
 
     # -- the waiter's subscription -----------------------------------------------------------
 

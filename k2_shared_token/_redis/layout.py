@@ -7,7 +7,8 @@ For a namespace ``N`` (see :func:`k2_shared_token._core.settings.namespace_for`)
     k2:{N}:fence   integer incremented on every lock acquisition (no expiry)
     k2:{N}:backoff string  <error code>:<credentials fingerprint or empty>, PX = fleet hold-off
     k2:{N}:failures integer consecutive failed exchanges, PX = hold-off + 10 min (the streak)
-    k2:{N}:server  string  what the fleet learned of K2's server (``reuse``), PX = 30 days
+    k2:{N}:server  string  what the fleet learned of K2's server (``reuse``, ``revoke``, comma
+                           separated), PX = 30 days
     k2:{N}:ready   pub/sub channel: a written token, or the lock holder's failure
 
 ``{N}`` is a Redis Cluster hash tag, so every key of a namespace lives in one slot and each
@@ -103,6 +104,11 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if redis.call('PTTL', KEYS[3]) >= 0 then redis.call('SET', KEYS[3], fence) end
   local streak = redis.pcall('GET', KEYS[5])
   if type(streak) ~= 'string' then streak = '0' end
+  -- K2 revokes the previous token on issue: every process stops handing it out now, and waits
+  -- for the new one, rather than send it while the exchange kills it.
+  if string.find(',' .. server .. ',', ',revoke,', 1, true) then
+    redis.call('PUBLISH', ARGV[5], 'X')
+  end
   return {1, fence, v, ttl, streak, server}
 end
 return {0, redis.call('PTTL', KEYS[2]), v, ttl, '', server}
@@ -111,9 +117,10 @@ return {0, redis.call('PTTL', KEYS[2]), v, ttl, '', server}
 """Take the refresh lock unless the token is good enough or the fleet is holding off K2.
 
 KEYS: token, lock, fence, backoff, failures, server. ARGV: owner, lease_ms, min_ttl_ms
-(negative: always try the lock), credentials fingerprint. Returns ``{outcome, number, value or
-nil, token_pttl, extra, server}`` (``server``: what the fleet learned of K2's server, but for
-outcome 2):
+(negative: always try the lock), credentials fingerprint, channel (an acquisition is
+announced as ``X`` when the server is known to revoke the previous token). Returns
+``{outcome, number, value or nil, token_pttl, extra, server}`` (``server``: what the fleet
+learned of K2's server, but for outcome 2):
 
 - 1, acquired: ``number`` is this holder's fencing number, ``extra`` the count of consecutive
   failed exchanges before it (the holder's next hold-off grows with it);
@@ -132,7 +139,14 @@ if newest == ARGV[2] then
   redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
   redis.call('DEL', KEYS[4], KEYS[5])
   redis.call('PUBLISH', ARGV[5], 'T' .. ARGV[4] .. ':' .. ARGV[3])
-  if ARGV[6] ~= '' then redis.call('SET', KEYS[6], ARGV[6], 'PX', 2592000000) end
+  if ARGV[6] ~= '' then
+    local s = redis.pcall('GET', KEYS[6])
+    if type(s) ~= 'string' then s = '' end
+    if not string.find(',' .. s .. ',', ',' .. ARGV[6] .. ',', 1, true) then
+      s = (s == '' and ARGV[6]) or (s .. ',' .. ARGV[6])
+    end
+    redis.call('SET', KEYS[6], s, 'PX', 2592000000)
+  end
   written = 1
 end
 if redis.pcall('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
@@ -166,10 +180,23 @@ KEYS: lock, backoff, failures. ARGV: owner, channel, announcement ('' for none),
 owner records a hold-off: a holder that stalled past its lease reports nothing.
 """
 
+LEARN = """
+local s = redis.pcall('GET', KEYS[1])
+if type(s) ~= 'string' then s = '' end
+if not string.find(',' .. s .. ',', ',' .. ARGV[1] .. ',', 1, true) then
+  s = (s == '' and ARGV[1]) or (s .. ',' .. ARGV[1])
+end
+redis.call('SET', KEYS[1], s, 'PX', 2592000000)
+return s
+"""
+"""Record what the fleet learned of K2's server (a trait such as ``revoke``), kept with the
+others. KEYS: server. ARGV: the trait. Returns every trait known."""
+
 INVALIDATE = (
     _READ_CACHED
     + """
-if not v or string.match(v, '^%d+:(%x+):') ~= ARGV[1] then return 0 end
+if not v then return 0 end
+if string.match(v, '^%d+:(%x+):') ~= ARGV[1] then return 2 end
 redis.call('DEL', KEYS[1])
 redis.call('PUBLISH', ARGV[2], 'D' .. ARGV[1])
 return 1
@@ -178,6 +205,8 @@ return 1
 """Delete the token only if it is still the one the caller saw fail.
 
 KEYS: token. ARGV: digest of the failed token, channel. Many workers that see the same 401
-therefore cause one refresh, not a loop of deletions of each other's fresh tokens. A deletion is
+therefore cause one refresh, not a loop of deletions of each other's fresh tokens. Returns 1
+when it deleted, 2 when another token is shared (the failed one was replaced), 0 when none
+is. A deletion is
 announced (``D<digest>``), so every process drops its copy at once (the fleet backplane).
 """

@@ -35,7 +35,13 @@ from .._core.backoff import (
     LocalRevocations,
     credentials_fingerprint,
 )
-from .._core.errors import ConfigurationError, InvalidTokenError, K2TokenError, SharedCacheError
+from .._core.errors import (
+    ConfigurationError,
+    InvalidTokenError,
+    K2TokenError,
+    SharedCacheError,
+    TokenUnavailableError,
+)
 from .._core.gate import RedisGate
 from .._core.instruments import Instruments
 from .._core.local_copy import LocalCopy
@@ -62,6 +68,8 @@ log = logging.getLogger("k2_shared_token")
 
 T = TypeVar("T")
 P = TypeVar("P", bound="SharedTokenProvider")
+
+DELETED, REPLACED = 1, 2  # what the compare-and-delete found (see _redis.layout.INVALIDATE)
 
 
 class SharedTokenProvider(ProviderExtras):
@@ -113,7 +121,7 @@ class SharedTokenProvider(ProviderExtras):
         )
         # Only the fallback's single-flight leader touches it: no lock needed.
         self._local_failures = LocalFailures() if s.fallback else None
-        self._revocations = LocalRevocations(cap=max(s.redis_cooldown, 1.0))
+        self._revocations = LocalRevocations()
         self._store = RedisStore(client, self._ops)
         self._exchange = ExchangeClient(s, Transport(session))
         self._token_api = TokenApiClient(s, self._exchange.transport)
@@ -195,6 +203,12 @@ class SharedTokenProvider(ProviderExtras):
         held = self._local.still_held()
         if held is not None:
             return held
+        wait = self._revocations.blocked(time.monotonic()) if self._gate.is_open else 0.0
+        if wait:
+            raise TokenUnavailableError(
+                "K2 revoked this process's own token while Redis is unavailable (see the "
+                f"warning logged); it is replaced in {wait:.1f} s"
+            )
         generation = self._local.generation
         if seen is None and self._local.held is not None:
             seen = self._local.held.source  # the grant before: see flow._exchange_and_publish
@@ -260,7 +274,9 @@ class SharedTokenProvider(ProviderExtras):
         ann = self._ops.announcement(raw)
         if ann is None:
             return
-        if ann.dropped is not None:
+        if ann.replacing:
+            self._local.suspend()
+        elif ann.dropped is not None:
             held = self._local.held
             if held is not None and codec.digest(held.token.value) == ann.dropped:
                 self._local.forget(held.token.value)
@@ -362,15 +378,19 @@ class SharedTokenProvider(ProviderExtras):
         With Redis unavailable (fallback mode) only the local copy is dropped.
         """
         value = token.value if isinstance(token, AccessToken) else token
+        return self._invalidate(value) == DELETED
+
+    def _invalidate(self, value: str) -> int:
         self._local.forget(value)
         try:
-            deleted = bool(
+            outcome = int(
                 self._gate.allowed() and self._redis(self._store.invalidate, value)
             )
         except SharedCacheError as exc:
             self._gate.fallback_or_raise(exc)
-            deleted = False
-        return self._instruments.invalidated(value, deleted)
+            outcome = 0
+        self._instruments.invalidated(value, outcome == DELETED)
+        return outcome
 
     def report_rejected(self, token: str | AccessToken) -> bool:
         """K2 answered 401 to a request sent with ``token``: drop it as :meth:`invalidate`
@@ -379,9 +399,10 @@ class SharedTokenProvider(ProviderExtras):
         * The shared token, rejected while still fresh (before any process of this fleet had
           reason to replace it) and not revoked by it: another deployment shares the client
           id. Logged as a warning.
-        * This process's own token, exchanged while Redis is down: replaced at most once per
-          pause (:class:`.._core.backoff.LocalRevocations`), so processes in fallback against a
-          server that revokes the previous token do not revoke each other at the request rate.
+        * This process's own token, exchanged while Redis is down: replaced at once the first
+          time, then only after a doubling pause (:class:`.._core.backoff.LocalRevocations`),
+          so processes in fallback against a server that revokes the previous token do not
+          revoke each other at the request rate.
         """
         value = token.value if isinstance(token, AccessToken) else token
         held = self._local.held
@@ -391,15 +412,26 @@ class SharedTokenProvider(ProviderExtras):
         fresh = held is not None and mine and held.is_fresh(now)
         left = held.source.expires_at - now if held is not None and mine else 0.0
         if mine and held is not None and held.source.stored.fence == 0:
-            if not self._revocations.may_replace(time.monotonic()):
-                self._instruments.revocation_war(self._revocations, self._revocations.pause)
-                return False
+            pause = self._revocations.rejected(now)
+            if pause:
+                self._instruments.revocation_war(self._revocations, pause)
         else:
             self._revocations.reset()
-        deleted = self.invalidate(value)
-        if deleted and fresh:
+        outcome = self._invalidate(value)
+        if outcome == DELETED and fresh:
             self._instruments.foreign_revocation(value, left)
-        return deleted
+        elif outcome == REPLACED and mine and left > 0:
+            # Our copy, not expired, replaced by a newer shared token: the exchange that
+            # issued that one revoked it. Tell the fleet, so its lock holders announce their
+            # next exchanges and every process stops sending the old token meanwhile.
+            self._learn("revoke")
+        return outcome == DELETED
+
+    def _learn(self, trait: str) -> None:
+        try:
+            self._redis(self._store.learn, trait)
+        except SharedCacheError as exc:
+            self._gate.fallback_or_raise(exc)
 
     # -- the rest of K2's token API: revoke, introspect, token info -------------------------
 

@@ -150,7 +150,11 @@ class RedisStore:
     ) -> None:
         self.run(self.ops.release(lock, error_code, holdoff_ms, credentials))
 
-    def invalidate(self, token: str) -> bool:
+    def learn(self, trait: str) -> None:
+        self.run(self.ops.learn(trait))
+
+    def invalidate(self, token: str) -> int:
+        """1: deleted; 2: another token is shared (this one was replaced); 0: none is."""
         return self.run(self.ops.invalidate(token))
 
     def clear(self) -> bool:
