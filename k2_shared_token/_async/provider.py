@@ -39,7 +39,6 @@ from .._core.errors import (
     InvalidTokenError,
     K2TokenError,
     SharedCacheError,
-    TokenUnavailableError,
 )
 from .._core.gate import RedisGate
 from .._core.instruments import Instruments
@@ -121,6 +120,7 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
         # Only the fallback's single-flight leader touches it: no lock needed.
         self._local_failures = LocalFailures() if s.fallback else None
         self._revocations = LocalRevocations()
+        self._learned_revoke = False
         self._store = AsyncRedisStore(client, self._ops)
         self._exchange = AsyncExchangeClient(s, AsyncTransport(session))
         self._token_api = AsyncTokenApiClient(s, self._exchange.transport)
@@ -202,12 +202,6 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
         held = self._local.still_held()
         if held is not None:
             return held
-        wait = self._revocations.blocked(time.monotonic()) if self._gate.is_open else 0.0
-        if wait:
-            raise TokenUnavailableError(
-                "K2 revoked this process's own token while Redis is unavailable (see the "
-                f"warning logged); it is replaced in {wait:.1f} s"
-            )
         generation = self._local.generation
         if seen is None and self._local.held is not None:
             seen = self._local.held.source  # the grant before: see flow._exchange_and_publish
@@ -412,17 +406,20 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
         left = held.source.expires_at - now if held is not None and mine else 0.0
         if mine and held is not None and held.source.stored.fence == 0:
             pause = self._revocations.rejected(now)
-            if pause:
+            if pause and self._local_failures is not None:
                 self._instruments.revocation_war(self._revocations, pause)
+                self._local_failures.revoked(now + pause)
         else:
             self._revocations.reset()
         outcome = await self._invalidate(value)
         if outcome == DELETED and fresh:
             self._instruments.foreign_revocation(value, left)
-        elif outcome == REPLACED and mine and left > 0:
-            # Our copy, not expired, replaced by a newer shared token: the exchange that
-            # issued that one revoked it. Tell the fleet, so its lock holders announce their
-            # next exchanges and every process stops sending the old token meanwhile.
+        elif outcome == REPLACED and not self._learned_revoke:
+            # Rejected, and replaced by a newer shared token: the exchange that issued that one
+            # revoked it (a replaced token is otherwise valid until it expires, and no caller
+            # gets one that close to its expiry). Tell the fleet, so its lock holders announce
+            # their next exchanges and every process stops sending the old token meanwhile.
+            self._learned_revoke = True
             await self._learn("revoke")
         return outcome == DELETED
 

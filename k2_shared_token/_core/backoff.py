@@ -28,6 +28,7 @@ from .errors import (
     K2TokenError,
     TokenEndpointError,
     TokenRequestRejectedError,
+    TokenUnavailableError,
     error_from_report,
 )
 
@@ -105,10 +106,20 @@ class LocalFailures:
         self.streak = 0
         self.until = 0.0
         self.code = ""
+        self.revoked_until = 0.0  # see LocalRevocations
 
     def check(self, now: float) -> None:
+        if now < self.revoked_until:
+            raise TokenUnavailableError(
+                "K2 revoked this process's own token while Redis is unavailable (see the "
+                f"warning logged); it is replaced in {self.revoked_until - now:.1f} s"
+            )
         if now < self.until:
             raise error_from_report(self.code, self.until - now)
+
+    def revoked(self, until: float) -> None:
+        """Exchange nothing before ``until``: our own token was revoked again."""
+        self.revoked_until = until
 
     def failed(self, error: K2TokenError, policy: BackoffPolicy, now: float) -> None:
         self.streak += 1
