@@ -67,7 +67,8 @@ log = logging.getLogger("k2_shared_token")
 T = TypeVar("T")
 P = TypeVar("P", bound="AsyncSharedTokenProvider")
 
-DELETED, REPLACED = 1, 2  # what the compare-and-delete found (see _redis.layout.INVALIDATE)
+# What the compare-and-delete found (see _redis.layout.INVALIDATE).
+DELETED, REPLACED, DELETED_MID_EXCHANGE = 1, 2, 3
 
 
 class AsyncSharedTokenProvider(AsyncProviderExtras):
@@ -371,7 +372,7 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
         With Redis unavailable (fallback mode) only the local copy is dropped.
         """
         value = token.value if isinstance(token, AccessToken) else token
-        return await self._invalidate(value) == DELETED
+        return await self._invalidate(value) in (DELETED, DELETED_MID_EXCHANGE)
 
     async def _invalidate(self, value: str) -> int:
         self._local.forget(value)
@@ -382,7 +383,7 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
         except SharedCacheError as exc:
             self._gate.fallback_or_raise(exc)
             outcome = 0
-        self._instruments.invalidated(value, outcome == DELETED)
+        self._instruments.invalidated(value, outcome in (DELETED, DELETED_MID_EXCHANGE))
         return outcome
 
     async def report_rejected(self, token: str | AccessToken) -> bool:
@@ -414,14 +415,14 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
         outcome = await self._invalidate(value)
         if outcome == DELETED and fresh:
             self._instruments.foreign_revocation(value, left)
-        elif outcome == REPLACED and not self._learned_revoke:
-            # Rejected, and replaced by a newer shared token: the exchange that issued that one
-            # revoked it (a replaced token is otherwise valid until it expires, and no caller
-            # gets one that close to its expiry). Tell the fleet, so its lock holders announce
-            # their next exchanges and every process stops sending the old token meanwhile.
+        elif outcome in (REPLACED, DELETED_MID_EXCHANGE) and not self._learned_revoke:
+            # Rejected while, or after, a newer token was issued: that exchange revoked it (a
+            # replaced token is otherwise valid until it expires, and no caller gets one that
+            # close to its expiry). Tell the fleet, so its lock holders announce their next
+            # exchanges and every process stops sending the old token meanwhile.
             self._learned_revoke = True
             await self._learn("revoke")
-        return outcome == DELETED
+        return outcome in (DELETED, DELETED_MID_EXCHANGE)
 
     async def _learn(self, trait: str) -> None:
         try:

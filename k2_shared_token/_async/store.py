@@ -154,7 +154,8 @@ class AsyncRedisStore:
         await self.run(self.ops.learn(trait))
 
     async def invalidate(self, token: str) -> int:
-        """1: deleted; 2: another token is shared (this one was replaced); 0: none is."""
+        """1: deleted; 3: deleted while a lock holder exchanges; 2: another token is shared
+        (this one was replaced); 0: none is."""
         return await self.run(self.ops.invalidate(token))
 
     async def clear(self) -> bool:

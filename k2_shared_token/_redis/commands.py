@@ -300,7 +300,9 @@ class Namespace:
 
     def invalidate(self, token: str) -> Call[int]:
         k = self.keys
-        return Call("invalidate", INVALIDATE, [k.token], [codec.digest(token), k.channel], int)
+        return Call(
+            "invalidate", INVALIDATE, [k.token, k.lock], [codec.digest(token), k.channel], int
+        )
 
     # -- the waiter's subscription -----------------------------------------------------------
 

@@ -199,14 +199,15 @@ if not v then return 0 end
 if string.match(v, '^%d+:(%x+):') ~= ARGV[1] then return 2 end
 redis.call('DEL', KEYS[1])
 redis.call('PUBLISH', ARGV[2], 'D' .. ARGV[1])
+if redis.call('PTTL', KEYS[2]) ~= -2 then return 3 end
 return 1
 """
 )
 """Delete the token only if it is still the one the caller saw fail.
 
-KEYS: token. ARGV: digest of the failed token, channel. Many workers that see the same 401
-therefore cause one refresh, not a loop of deletions of each other's fresh tokens. Returns 1
-when it deleted, 2 when another token is shared (the failed one was replaced), 0 when none
-is. A deletion is
+KEYS: token, lock. ARGV: digest of the failed token, channel. Many workers that see the same
+401 therefore cause one refresh, not a loop of deletions of each other's fresh tokens. Returns
+1 when it deleted, 3 when it deleted while a lock holder is exchanging (its new token is on the
+way), 2 when another token is shared (the failed one was replaced), 0 when none is. A deletion is
 announced (``D<digest>``), so every process drops its copy at once (the fleet backplane).
 """

@@ -68,7 +68,8 @@ log = logging.getLogger("k2_shared_token")
 T = TypeVar("T")
 P = TypeVar("P", bound="SharedTokenProvider")
 
-DELETED, REPLACED = 1, 2  # what the compare-and-delete found (see _redis.layout.INVALIDATE)
+# What the compare-and-delete found (see _redis.layout.INVALIDATE).
+DELETED, REPLACED, DELETED_MID_EXCHANGE = 1, 2, 3
 
 
 class SharedTokenProvider(ProviderExtras):
@@ -372,7 +373,7 @@ class SharedTokenProvider(ProviderExtras):
         With Redis unavailable (fallback mode) only the local copy is dropped.
         """
         value = token.value if isinstance(token, AccessToken) else token
-        return self._invalidate(value) == DELETED
+        return self._invalidate(value) in (DELETED, DELETED_MID_EXCHANGE)
 
     def _invalidate(self, value: str) -> int:
         self._local.forget(value)
@@ -383,7 +384,7 @@ class SharedTokenProvider(ProviderExtras):
         except SharedCacheError as exc:
             self._gate.fallback_or_raise(exc)
             outcome = 0
-        self._instruments.invalidated(value, outcome == DELETED)
+        self._instruments.invalidated(value, outcome in (DELETED, DELETED_MID_EXCHANGE))
         return outcome
 
     def report_rejected(self, token: str | AccessToken) -> bool:
@@ -415,14 +416,14 @@ class SharedTokenProvider(ProviderExtras):
         outcome = self._invalidate(value)
         if outcome == DELETED and fresh:
             self._instruments.foreign_revocation(value, left)
-        elif outcome == REPLACED and not self._learned_revoke:
-            # Rejected, and replaced by a newer shared token: the exchange that issued that one
-            # revoked it (a replaced token is otherwise valid until it expires, and no caller
-            # gets one that close to its expiry). Tell the fleet, so its lock holders announce
-            # their next exchanges and every process stops sending the old token meanwhile.
+        elif outcome in (REPLACED, DELETED_MID_EXCHANGE) and not self._learned_revoke:
+            # Rejected while, or after, a newer token was issued: that exchange revoked it (a
+            # replaced token is otherwise valid until it expires, and no caller gets one that
+            # close to its expiry). Tell the fleet, so its lock holders announce their next
+            # exchanges and every process stops sending the old token meanwhile.
             self._learned_revoke = True
             self._learn("revoke")
-        return outcome == DELETED
+        return outcome in (DELETED, DELETED_MID_EXCHANGE)
 
     def _learn(self, trait: str) -> None:
         try:

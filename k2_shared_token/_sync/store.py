@@ -154,7 +154,8 @@ class RedisStore:
         self.run(self.ops.learn(trait))
 
     def invalidate(self, token: str) -> int:
-        """1: deleted; 2: another token is shared (this one was replaced); 0: none is."""
+        """1: deleted; 3: deleted while a lock holder exchanges; 2: another token is shared
+        (this one was replaced); 0: none is."""
         return self.run(self.ops.invalidate(token))
 
     def clear(self) -> bool:
