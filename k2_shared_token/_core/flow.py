@@ -103,6 +103,7 @@ class Wait(Effect[WaitOutcome]):
 
     timeout: float
     min_ttl_ms: int
+    replacing: bool = False  # the holder's exchange will revoke the token Redis still has
 
 
 Flow = Generator[Effect[Any], Any, T]
@@ -352,7 +353,10 @@ def _obtain_shared(
         )
         lock = yield from perform(TryLock(threshold, timed_out))
         sighting.saw(lock.snapshot)
-        if _usable(windows, lock.snapshot, clock(), fresh=False):
+        # Under revoke-previous, another holder's exchange is about to kill the token Redis
+        # still has: wait for its replacement rather than send a token K2 will refuse.
+        replacing = lock.revoke and not lock.acquired and lock.lock_ttl_ms > 0
+        if not replacing and _usable(windows, lock.snapshot, clock(), fresh=False):
             if lock.acquired:
                 yield from perform(Release(lock))
             assert lock.snapshot is not None
@@ -377,7 +381,7 @@ def _obtain_shared(
                 "no token within wait_timeout: another worker holds the refresh lock"
             )
         wake_by = min(remaining, max(lock.lock_ttl_ms, 0) / 1000 + 0.01)
-        outcome = yield from perform(Wait(wake_by, threshold))
+        outcome = yield from perform(Wait(wake_by, threshold, replacing))
         if outcome.error_code is not None:
             raise _holdoff_error(outcome.error_code, outcome.holdoff_ms)
         if _usable(windows, outcome.snapshot, clock(), fresh=False):

@@ -308,18 +308,19 @@ class Namespace:
 
     @staticmethod
     def after_subscribe(
-        snap: Snapshot | None, lock_ttl: int, min_ttl_ms: int
+        snap: Snapshot | None, lock_ttl: int, min_ttl_ms: int, replacing: bool = False
     ) -> WaitOutcome | None:
         """The re-read right after subscribing: done already, or keep listening (None).
 
         It closes the gap in which a token written (or a lock released) between the caller's
         last look and the subscription would otherwise be missed: the caller would sit out the
-        rest of the lease for nothing.
+        rest of the lease for nothing. ``replacing``: the token Redis has is being revoked by
+        the holder's exchange, so only the holder's announcement (or its end) will do.
         """
-        if snap is not None and snap.ttl_ms > min_ttl_ms:
-            return WaitOutcome(snap)
         if lock_ttl == -2:  # the holder finished before we listened: try again now
-            return WaitOutcome(None)
+            return WaitOutcome(snap if snap is not None and snap.ttl_ms > min_ttl_ms else None)
+        if snap is not None and snap.ttl_ms > min_ttl_ms and not replacing:
+            return WaitOutcome(snap)
         return None
 
     def announcement(self, data: bytes | str) -> codec.Announcement | None:

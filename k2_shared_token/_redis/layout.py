@@ -77,9 +77,15 @@ TRY_LOCK = (
     + """
 local ttl = redis.call('PTTL', KEYS[1])
 local ours = v and string.match(v, '^%d+:%x+:') ~= nil
-if ours and tonumber(ARGV[3]) >= 0 and ttl > tonumber(ARGV[3]) then return {2, 0, v, ttl, ''} end
 local server = redis.pcall('GET', KEYS[6])
 if type(server) ~= 'string' then server = '' end
+local revoke = string.find(',' .. server .. ',', ',revoke,', 1, true) ~= nil
+-- Under revoke-previous, the token is not good enough while a holder exchanges: K2 kills it as
+-- it issues the next one.
+local replacing = revoke and redis.call('PTTL', KEYS[2]) ~= -2
+if ours and tonumber(ARGV[3]) >= 0 and ttl > tonumber(ARGV[3]) and not replacing then
+  return {2, 0, v, ttl, '', server}
+end
 local b = redis.pcall('GET', KEYS[4])
 if type(b) == 'string' then
   local left = redis.call('PTTL', KEYS[4])
@@ -106,9 +112,7 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if type(streak) ~= 'string' then streak = '0' end
   -- K2 revokes the previous token on issue: every process stops handing it out now, and waits
   -- for the new one, rather than send it while the exchange kills it.
-  if string.find(',' .. server .. ',', ',revoke,', 1, true) then
-    redis.call('PUBLISH', ARGV[5], 'X')
-  end
+  if revoke then redis.call('PUBLISH', ARGV[5], 'X') end
   return {1, fence, v, ttl, streak, server}
 end
 return {0, redis.call('PTTL', KEYS[2]), v, ttl, '', server}
@@ -120,7 +124,7 @@ KEYS: token, lock, fence, backoff, failures, server. ARGV: owner, lease_ms, min_
 (negative: always try the lock), credentials fingerprint, channel (an acquisition is
 announced as ``X`` when the server is known to revoke the previous token). Returns
 ``{outcome, number, value or nil, token_pttl, extra, server}`` (``server``: what the fleet
-learned of K2's server, but for outcome 2):
+learned of K2's server):
 
 - 1, acquired: ``number`` is this holder's fencing number, ``extra`` the count of consecutive
   failed exchanges before it (the holder's next hold-off grows with it);

@@ -349,8 +349,8 @@ class SharedTokenProvider(ProviderExtras):
                 return Timer.sleep(seconds)
             case flow.Release(lock=lock, error_code=code, holdoff_ms=ms, credentials=creds):
                 return self._redis(store.release, lock, code, ms, creds)
-            case flow.Wait(timeout=timeout, min_ttl_ms=min_ttl_ms):
-                return self._redis(store.wait, timeout, min_ttl_ms)
+            case flow.Wait(timeout=timeout, min_ttl_ms=min_ttl_ms, replacing=replacing):
+                return self._redis(store.wait, timeout, min_ttl_ms, replacing)
         raise TypeError(f"unknown effect {effect!r}")  # pragma: no cover
 
     def _redis(self, method: Any, *args: Any) -> Any:

@@ -176,7 +176,7 @@ class RedisStore:
             raise cache_error("status", exc) from exc
         return self.ops.status(replies)
 
-    def wait(self, timeout: float, min_ttl_ms: int) -> WaitOutcome:
+    def wait(self, timeout: float, min_ttl_ms: int, replacing: bool = False) -> WaitOutcome:
         """Subscribe, re-read, then wait on the channel until an announcement or ``timeout``."""
         deadline = time.monotonic() + timeout
         try:
@@ -185,7 +185,7 @@ class RedisStore:
         except REDIS_FAILURES as exc:
             raise cache_error("wait", exc) from exc
         try:
-            return self._wait(pubsub, deadline, min_ttl_ms)
+            return self._wait(pubsub, deadline, min_ttl_ms, replacing)
         except REDIS_FAILURES as exc:
             raise cache_error("wait", exc) from exc
         finally:
@@ -199,7 +199,9 @@ class RedisStore:
         except REDIS_FAILURES as exc:
             log.debug("namespace %s: unsubscribe failed (%s)", self.namespace, type(exc).__name__)
 
-    def _wait(self, pubsub: Any, deadline: float, min_ttl_ms: int) -> WaitOutcome:
+    def _wait(
+        self, pubsub: Any, deadline: float, min_ttl_ms: int, replacing: bool
+    ) -> WaitOutcome:
         pubsub.subscribe(self.keys.channel)
         subscribed = False
         while True:
@@ -211,7 +213,8 @@ class RedisStore:
                 continue
             if message["type"] == "subscribe":
                 subscribed = True
-                done = self.ops.after_subscribe(*self._read_with_lock(), min_ttl_ms)
+                snap, lock_ttl = self._read_with_lock()
+                done = self.ops.after_subscribe(snap, lock_ttl, min_ttl_ms, replacing)
             elif message["type"] == "message" and subscribed:
                 done = self.ops.on_message(message["data"])
             else:
