@@ -33,6 +33,7 @@ from tests.topology_support import (
     FleetLog,
     Recovery,
     async_shares_with_sync,
+    backplane_drops_copies,
     recover,
     summary,
 )
@@ -411,3 +412,9 @@ def _faults(log: FleetLog, since: float) -> str:
         f"{log.count('fallback', since)} fallback exchanges{outage}, "
         f"{log.count('exchange_ok', since)} exchanges (the forced rollover included)"
     )
+
+
+def test_the_backplane_works_on_the_cluster(
+    cluster: EmbeddedCluster, fake_k2: FakeK2Server
+) -> None:
+    backplane_drops_copies(cluster.cluster_url, fake_k2)

@@ -25,7 +25,13 @@ from k2_shared_token._redis.urls import parse_sentinel_url
 from k2_shared_token.testing.fake_k2 import FakeK2Server
 from k2_shared_token.testing.topologies import HOST, EmbeddedSentinel
 from tests.conftest import provider_kwargs, wait_until
-from tests.topology_support import Fleet, async_shares_with_sync, recover, summary
+from tests.topology_support import (
+    Fleet,
+    async_shares_with_sync,
+    backplane_drops_copies,
+    recover,
+    summary,
+)
 
 PROCESSES, THREADS = 4, 4
 
@@ -224,3 +230,9 @@ def test_primary_killed_under_load(
     fallback_by = {index for kind, index, _at in log.hooked if kind == "fallback"}
     assert fallback_by <= {PROCESSES - 1}
     assert totals["fallback"] <= THREADS
+
+
+def test_the_backplane_works_through_sentinel(
+    sentinel: EmbeddedSentinel, fake_k2: FakeK2Server
+) -> None:
+    backplane_drops_copies(sentinel.url, fake_k2)

@@ -35,6 +35,7 @@ from k2_shared_token import AsyncSharedTokenProvider, SharedCacheError, SharedTo
 from k2_shared_token._core.metrics import Event
 from k2_shared_token._core.tokens import fingerprint_of
 from k2_shared_token.testing.fake_k2 import FakeK2Server
+from tests.conftest import provider_kwargs, wait_until
 
 CTX: SpawnContext = multiprocessing.get_context("spawn")
 
@@ -485,3 +486,21 @@ async def async_shares_with_sync(
         await waiter.aclose()
         await asyncio.to_thread(thread.join, 10)
         holder.close()
+
+
+def backplane_drops_copies(url: str, fake_k2: FakeK2Server) -> None:
+    """On this topology, an invalidation by one provider drops the others' copies through the
+    fleet backplane, and ``status()`` counts the processes listening."""
+    providers = [SharedTokenProvider(**provider_kwargs(url, fake_k2.base_url)) for _ in range(3)]
+    try:
+        token = providers[0].get_token()
+        assert all(p.get_token() == token for p in providers)
+        wait_until(lambda: all(p.stats()["backplane"] == 1 for p in providers), 10, "listeners")
+        assert providers[0].status()["listening"] in (None, 3)
+        assert providers[0].invalidate(token)
+        wait_until(
+            lambda: all(p._local.held is None for p in providers[1:]), 3, "copies to drop"
+        )
+    finally:
+        for p in providers:
+            p.close()

@@ -223,6 +223,8 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
     async def _refresh_job(self) -> float | None:
         """Refresh or re-confirm the token off the callers' path; returns a pause before the
         next refresh may run, or None."""
+        if self._backplane is None and self.settings.backplane:
+            self._join_backplane()  # a forked child's first refresh (its copy stays warm)
         held, generation = self._local.held, self._local.generation
         previous = held.source if held is not None else None
         lifetime = held.lifetime if held is not None else None
@@ -523,6 +525,9 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
         self._backplane = None
         self._refresher = self._refresher.after_fork()
         self._local.kick = self._refresher.kick
+        # The child inherits no subscription: its next call re-reads the copy (off the callers'
+        # path), and that refresh subscribes anew.
+        self._local.recheck_now()
         self._exchange.transport.reset_after_fork()
 
     async def aclose(self) -> None:

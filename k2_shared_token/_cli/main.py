@@ -256,6 +256,13 @@ def _status(args: argparse.Namespace) -> int:
             f"{holdoff['failed_exchanges']} failed exchanges in a row",
         ))  # fmt: skip
     rows.append(("lock acquisitions", str(status["lock_acquisitions"])))
+    rows.append(("server learned", ", ".join(status["server"]) or "nothing yet"))
+    listening = status["listening"]
+    rows.append((
+        "processes listening",
+        "unknown (PUBSUB not allowed)" if listening is None else
+        f"{listening} (fleet backplane up; the others re-check every local_max_age)",
+    ))  # fmt: skip
     _rows(rows)
     return 0
 

@@ -109,6 +109,13 @@ def _text(raw: Any) -> str:
     return raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
 
 
+def _subscribers(reply: Any) -> int | None:
+    """PUBSUB NUMSUB's count, or None where it is not allowed (a restricted ACL user)."""
+    if isinstance(reply, list | tuple) and len(reply) == 2:
+        return count(reply[1])
+    return None
+
+
 def count(raw: Any) -> int:
     """A counter read back for display; anything that is not one (foreign data) reads as 0."""
     text = _text(raw)
@@ -357,11 +364,15 @@ class Namespace:
             ("PTTL", k.backoff),
             ("GET", k.fence),
             ("GET", k.failures),
+            ("GET", k.server),
+            ("PUBSUB NUMSUB", k.channel),
         ]
 
     def status(self, replies: list[Any]) -> dict[str, Any]:
         """The shared state of this namespace, for operators; never the token itself."""
-        raw, ttl, owner, lock_ttl, backoff, backoff_ttl, fence, failures = replies
+        raw, ttl, owner, lock_ttl, backoff, backoff_ttl, fence, failures, server, listening = (
+            replies
+        )
         now = time.time()
         out: dict[str, Any] = {
             "namespace": self.namespace,
@@ -369,6 +380,10 @@ class Namespace:
             "lock": None,
             "lock_acquisitions": count(fence),
             "holdoff": None,
+            "server": [t for t in _text(server).split(",") if t] if server else [],
+            # Processes subscribed to the namespace: with the fleet backplane up (and any caller
+            # waiting for a lock holder). Those not counted re-check every local_max_age.
+            "listening": _subscribers(listening),
         }
         if isinstance(backoff, (bytes, str)) and int(backoff_ttl) > 0:
             out["holdoff"] = {
