@@ -199,6 +199,80 @@ def test_doorkeepers_success_reply_with_integer_created_at_is_accepted(
     assert dk.ping(token.value).status == 200
 
 
+REVOKE_LIFETIME = 60  # no rollover during the run: the only new token is the revoke's
+REVOKE_AFTER = 2.0  # the fleet is warm
+AFTER_REVOKE = 3.0
+REVOKE_TARGET = 0.1  # every process stops sending the revoked token within 100 ms
+
+
+def test_revoke_stops_a_4_process_fleet_sending_the_token_within_100_ms_with_one_exchange(
+    doorkeeper: Start, redis_server: EmbeddedRedis
+) -> None:
+    """Issue 11's Done-when for ``revoke()``: a warm 4-process fleet (default mode, 60 s
+    tokens); after 2 s this process revokes the shared token with its own provider. Per
+    process, the last request that carried the revoked token (``sent``: the workers' adapter
+    notes every request, retries too) goes out at most 100 ms after ``revoke()`` returned
+    (those sent before count as 0); the fleet then makes exactly one token request, and no call
+    fails (a 401 on the revoked token is retried by ``auth()`` and ends 200)."""
+    dk = start(doorkeeper, expires_in=REVOKE_LIFETIME)
+    kwargs = fleet_kwargs(dk, redis_server.url)
+
+    def revoke(started: float) -> tuple[float, float, bool]:
+        time.sleep(REVOKE_AFTER)
+        provider = SharedTokenProvider(**kwargs)
+        try:
+            before = time.time()
+            shared = provider.revoke()
+            after = time.time()
+        finally:
+            provider.close()
+        time.sleep(AFTER_REVOKE)
+        return before, after, shared
+
+    run = run_ping_fleet(dk, kwargs, during=revoke)
+    before, returned, shared = run.during
+    counts = run.counts
+    earlier = [r for r in run.requests if r.at < before]
+    later = [r for r in run.requests if r.at >= before]
+    revoked = {r.fp for r in earlier if r.status == 200}
+    assert len(revoked) == 1, f"expected one token before the revoke: {earlier}"
+    revoked_fp = revoked.pop()
+    # Per process: how long after revoke() returned it last sent the revoked token.
+    sent_last = [r["sent"].get(revoked_fp) for r in run.reports]
+    signed = [math.nan if s is None else s[1] - returned for s in sent_last]
+    lags = [0.0 if s is None else max(0.0, s[1] - returned) for s in sent_last]
+    call_lags = [0.0 if s is None else max(0.0, s[3] - returned) for s in sent_last]
+    revoked_sends = [0 if s is None else s[2] for s in sent_last]
+    retried = run.total("retried_401")
+    new_fps = {r.fp for r in later if r.status == 200}
+    failures = [f for r in run.reports for f in r["failures"]]
+    print(
+        f"\n[doorkeeper default revoke] {PROCESSES} processes x {run.duration:.1f} s, "
+        f"{REVOKE_LIFETIME} s tokens, revoke() at +{before - run.started:.2f} s took "
+        f"{(returned - before) * 1000:.1f} ms (shared={shared}); last send of the revoked "
+        f"token after revoke() returned, per process: "
+        f"{[round(x * 1000, 1) for x in lags]} ms, max {max(lags) * 1000:.1f} ms (target <= "
+        f"{REVOKE_TARGET * 1000:.0f}; by call start max {max(call_lags) * 1000:.1f} ms; "
+        f"unclamped {[round(x * 1000, 1) for x in signed]} ms); "
+        f"requests with it per process {revoked_sends}; {run.total('calls')} API calls, "
+        f"{run.failed} failed, retried 401s={retried} ({run.each('retried_401')}), "
+        f"api_401={counts['api_401']}; token requests after the revoke {len(later)} "
+        f"(errors {sum(1 for r in later if r.status != 200)}), in all "
+        f"{counts['token_requests']}; workers saw {len(run.worker_tokens)} tokens"
+    )
+    assert run.failed == 0, f"{run.failed} failed, first: {failures[:5]}"
+    assert run.ended_401 == 0
+    assert all(s is not None for s in sent_last), "a process never sent the first token"
+    assert max(lags) <= REVOKE_TARGET, (
+        f"a process sent the revoked token {max(lags) * 1000:.1f} ms after revoke() returned "
+        f"(target <= {REVOKE_TARGET * 1000:.0f} ms): {lags}"
+    )
+    assert len(later) == 1, f"{len(later)} token requests after the revoke: {later}"
+    assert later[0].status == 200
+    assert run.worker_tokens == {revoked_fp} | new_fps  # the old token, then the new one
+    assert counts["token_requests"] == counts["token_issued"] == 2
+
+
 # -- the other Doorkeeper modes: reuse_access_token, revoke_previous_client_credentials_token --
 
 

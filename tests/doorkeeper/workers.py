@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
 
 from k2_shared_token import SharedTokenProvider
 from k2_shared_token._core.tokens import fingerprint_of
@@ -57,6 +58,29 @@ def _fingerprint(header: object, cache: dict[str, str]) -> str:
     return fp
 
 
+class _SendLog(HTTPAdapter):
+    """The session's adapter, which notes each request as it goes out (a retry by ``auth()``
+    too: it is sent through ``response.connection``, this adapter): per token fingerprint,
+    ``[first sent, last sent, requests, start of the last call that sent it]``."""
+
+    def __init__(self, cache: dict[str, str]) -> None:
+        super().__init__()
+        self.cache = cache
+        self.call_began = 0.0  # set by the worker before each call
+        self.sent: dict[str, list[Any]] = {}
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> Any:
+        now = time.time()
+        fp = _fingerprint(request.headers.get("Authorization"), self.cache)
+        seen = self.sent.get(fp)
+        if seen is None:
+            self.sent[fp] = [now, now, 1, self.call_began]
+        else:
+            seen[1], seen[3] = now, self.call_began
+            seen[2] += 1
+        return super().send(request, *args, **kwargs)
+
+
 def ping_worker(
     kwargs: dict[str, Any],
     url: str,
@@ -75,6 +99,8 @@ def ping_worker(
       start, last end, calls]`` (enough to tell which token a process used when);
     - ``retried``: ``[start, failed fingerprint, final fingerprint, final status]`` per retried
       call; ``ended_401``: ``[start, fingerprint]`` per call whose final answer was a 401;
+    - ``sent``: per fingerprint, every request that carried it (retries too), as ``[first
+      sent, last sent, requests, start of the last call that sent it]`` (``_SendLog``);
     - ``errors``: the exceptions (the first few hundred), with their type, OAuth ``error`` and
       ``retry_after``; ``error_summary``: per ``type/error``, their count and longest
       ``retry_after``;
@@ -89,6 +115,9 @@ def ping_worker(
     provider = SharedTokenProvider(**kwargs)
     session = requests.Session()
     session.auth = provider.auth()
+    cache: dict[str, str] = {}
+    send_log = _SendLog(cache)
+    session.mount("http://", send_log)
     calls = retried = 0
     failures: list[str] = []
     runs: list[list[Any]] = []
@@ -96,14 +125,13 @@ def ping_worker(
     ended_401: list[list[Any]] = []
     errors: list[dict[str, Any]] = []
     error_summary: dict[str, list[Any]] = {}  # "type/error" -> [count, longest retry_after]
-    cache: dict[str, str] = {}
     barrier.wait(60)
     if delay > 0:
         time.sleep(delay)  # a staggered start: this process begins its load later
     started = time.time()
     while not stop.is_set():
         calls += 1
-        began = time.time()
+        began = send_log.call_began = time.time()
         try:
             reply = session.get(url, timeout=10)
         except Exception as exc:  # reported to the test, which decides
@@ -160,6 +188,7 @@ def ping_worker(
             "runs": runs,
             "retried": retried_calls,
             "ended_401": ended_401,
+            "sent": send_log.sent,
             "errors": errors,
             "error_summary": error_summary,
             "malformed": tally.malformed,
