@@ -271,6 +271,10 @@ class SharedTokenProvider(ProviderExtras):
         ann = self._ops.announcement(raw)
         if ann is None:
             return
+        # Redis delivered it: it answers again, whatever the breaker last saw. Without this a
+        # process still in its cooldown would meet the fleet's next token (or a drop of the
+        # current one) with an exchange of its own instead of the shared path.
+        self._gate.answered()
         if ann.replacing:
             self._local.suspend()
         elif ann.dropped is not None:

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -917,12 +917,22 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle_token(self, body: bytes, query: str) -> None:
         fake = self.server.fake
         racing = fake._token_request_started()
-        try:
-            self._serve_token(body, query, racing)
-        finally:
-            fake._token_request_ended()
+        ended = False
 
-    def _serve_token(self, body: bytes, query: str, racing: bool) -> None:
+        def end() -> None:  # before the reply goes out: the client may ask again at once
+            nonlocal ended
+            if not ended:
+                ended = True
+                fake._token_request_ended()
+
+        try:
+            self._serve_token(body, query, racing, end)
+        finally:
+            end()
+
+    def _serve_token(
+        self, body: bytes, query: str, racing: bool, end: Callable[[], None]
+    ) -> None:
         fake = self.server.fake
         fault = fake._token_request_arrived()
         if not fake._pass_gate() or not fake._stall(fake.latency):
@@ -943,7 +953,9 @@ class _Handler(BaseHTTPRequestHandler):
         if params is None:
             self._write(self._unparseable())
             return
-        self._write(fake._token_reply(params, self._basic_credentials(), racing))
+        reply = fake._token_reply(params, self._basic_credentials(), racing)
+        end()
+        self._write(reply)
 
     # ----------------------------------------------------------------- request parsing
 
