@@ -3,8 +3,10 @@
     gunicorn -c examples/gunicorn.conf.py examples.wsgi_app:application
 
 ``GUNICORN_BIND`` (default ``127.0.0.1:8000``), ``WEB_CONCURRENCY`` (workers, default 4),
-``GUNICORN_WORKER_CLASS`` (``sync`` default, or ``gthread`` with ``GUNICORN_THREADS`` threads,
-default 4) and ``GUNICORN_PRELOAD`` (``1`` to import the app in the master before forking).
+``GUNICORN_WORKER_CLASS`` (``sync`` default, ``gthread`` with ``GUNICORN_THREADS`` threads,
+default 4, or ``gevent``: the worker monkey-patches before importing the app, so the provider's
+waits and refresher are greenlets; keep preload off with it) and ``GUNICORN_PRELOAD`` (``1``
+to import the app in the master before forking).
 
 No ``post_fork`` hook: the provider resets its per-process state (single flight, background
 refresher, HTTP pool) in an ``os.register_at_fork`` hook and redis-py reconnects after a pid

@@ -1,6 +1,6 @@
-"""Real deployments share one token: gunicorn (sync and gthread, with and without preload_app)
-and a celery prefork pool, each four worker processes, run the example apps against the fake K2
-server and a private redis-server.
+"""Real deployments share one token: gunicorn (sync and gthread, with and without preload_app;
+gevent), uvicorn serving the FastAPI example, and a celery prefork pool, each four worker
+processes, run the example apps against the fake K2 server and a private redis-server.
 
 The fake K2 server grants 4 s tokens and the examples refresh 2 s ahead, so a 7 s load phase
 spans three refresh periods. Each test asserts that no request or task failed, that K2 never
@@ -12,6 +12,7 @@ replacement must join the fleet without an extra exchange and without a failed r
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -53,6 +54,7 @@ WORKERS = 4
 LOAD_SECONDS = 7.0  # not a multiple of the period: the count is then unambiguous
 CLIENT_THREADS = 4
 CLIENT_RATE = 50.0  # requests per second per client thread: 200/s in all
+GEVENT_CLIENTS = 8  # more concurrent callers for the gevent workers: 400/s in all
 TASK_BURST = 8  # tasks submitted together, every BURST_EVERY seconds: 40 tasks/s
 BURST_EVERY = 0.2
 
@@ -209,6 +211,128 @@ def test_gunicorn_fleet_makes_one_exchange_per_period(
     check_and_report(name, phases, fake_k2)
     # Every worker took part: the token was really shared, not used by one busy process.
     assert len(phases[0].pids) == WORKERS
+
+
+def os_threads(pid: int) -> int:
+    """How many OS threads process ``pid`` runs (its /proc task entries)."""
+    return len(list(Path(f"/proc/{pid}/task").iterdir()))
+
+
+def test_gunicorn_gevent_fleet_makes_one_exchange_per_period(
+    redis_server: EmbeddedRedis, fake_k2: FakeK2Server, tmp_path: Path
+) -> None:
+    """``-k gevent`` (the example config's GUNICORN_WORKER_CLASS): each worker monkey-patches
+    before it imports the app, so the provider's single flight waits on gevent locks and its
+    background refresher is a greenlet. Concurrent requests in one worker are greenlets that
+    wait on the same exchange, and no worker grows an OS thread per waiting request."""
+    fake_k2.expires_in = TOKEN_LIFETIME
+    # GEVENT_RESOLVER=block: gevent's default resolver would add a pool of OS threads of its
+    # own (getaddrinfo), which would hide any thread the library started.
+    env = fleet_env(
+        redis_server.url,
+        fake_k2.base_url,
+        GUNICORN_WORKER_CLASS="gevent",
+        GEVENT_RESOLVER="block",
+    )
+    name = "gunicorn gevent"
+    with gunicorn(env, tmp_path / "gunicorn.log") as (master, base):
+        phases = [http_load(f"{base}/pay", GEVENT_CLIENTS, LOAD_SECONDS, CLIENT_RATE)]
+        threads = {pid: os_threads(pid) for pid in live_children(master.pid)}
+    print(f"\n[{name}] OS threads per worker after the load {threads}")
+    check_and_report(name, phases, fake_k2)
+    assert len(phases[0].pids) == WORKERS
+    # Greenlets wait, not OS threads: each worker still runs on its one OS thread.
+    assert set(threads.values()) == {1}, threads
+
+
+def test_gevent_greenlets_share_one_flight_and_refresh_without_os_threads(
+    redis_server: EmbeddedRedis, fake_k2: FakeK2Server
+) -> None:
+    """Inside one monkey-patched process (tests/gevent_probe.py): 200 greenlets on a cold
+    cache, with K2 taking 0.5 s to answer, make one exchange between them and all get its
+    token; a call in the refresh-ahead window returns the held token and the background
+    refresher (a greenlet) exchanges the next one. The OS thread count never grows."""
+    fake_k2.expires_in = TOKEN_LIFETIME
+    fake_k2.latency = 0.5
+    # gevent's default resolver runs getaddrinfo in a pool of OS threads of its own; the
+    # blocking one does not, so every thread seen here would be the library's.
+    env = fleet_env(redis_server.url, fake_k2.base_url, GEVENT_RESOLVER="block")
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.gevent_probe", "200"],
+        cwd=ROOT, env=env, capture_output=True, timeout=60, check=False,
+    )
+    assert out.returncode == 0, out.stderr.decode(errors="replace")[-3000:]
+    probe = json.loads(out.stdout.decode().splitlines()[-1])
+    print(f"\n[gevent probe] {probe} exchanges={fake_k2.exchanges}")
+    assert probe["patched"]
+    assert probe["distinct_tokens"] == 1
+    assert probe["kicked_got_held"] and probe["refreshed_new"]
+    assert probe["exchange_ok"] == 2 == fake_k2.exchanges == fake_k2.token_requests
+    assert probe["threads_peak"] == probe["threads_before"], probe
+
+
+# ---------------------------------------------------------------------------------- uvicorn
+
+
+@contextmanager
+def uvicorn(env: dict[str, str], log: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Start ``uvicorn --workers 4`` on the FastAPI example; yield once every worker has run
+    its lifespan startup (one line each in the log) and /health answers. Always stopped by PID
+    afterwards, workers (and multiprocessing's resource tracker) included."""
+    port = free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "examples.fastapi_app:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(WORKERS),
+        "--no-access-log",
+    ]
+    base = f"http://127.0.0.1:{port}"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    seen: set[int] = set()
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"uvicorn exited with {proc.returncode}:\n{log_tail(log)}")
+        seen.update(live_children(proc.pid))
+        if log.read_text(errors="replace").count("Application startup complete") < WORKERS:
+            return False
+        try:
+            return requests.get(f"{base}/health", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_until(ready, 30, "uvicorn workers' lifespans and GET /health")
+        yield proc, base
+    finally:
+        seen.update(live_children(proc.pid))
+        stop_processes(proc, seen, grace=10)
+
+
+def test_uvicorn_fastapi_fleet_makes_one_exchange_per_period(
+    redis_server: EmbeddedRedis, fake_k2: FakeK2Server, tmp_path: Path
+) -> None:
+    """Four uvicorn worker processes (spawned, not forked), each with the provider its lifespan
+    built, share one token; the lifespan's ``aclose`` runs at shutdown."""
+    fake_k2.expires_in = TOKEN_LIFETIME
+    env = fleet_env(redis_server.url, fake_k2.base_url)
+    name = "uvicorn fastapi"
+    log = tmp_path / "uvicorn.log"
+    with uvicorn(env, log) as (_, base):
+        phases = [http_load(f"{base}/pay", CLIENT_THREADS, LOAD_SECONDS, CLIENT_RATE)]
+    check_and_report(name, phases, fake_k2)
+    assert len(phases[0].pids) == WORKERS
+    text = log.read_text(errors="replace")
+    assert text.count("Application shutdown complete") == WORKERS, log_tail(log)
+    assert "Traceback" not in text, log_tail(log)
 
 
 # ---------------------------------------------------------------------------------- celery
