@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from tenacity import AsyncRetrying
 
+from .._core.errors import K2TokenError
 from .._core.settings import Settings
 from .._core.tokens import IssuedToken
 from .._k2 import retry, wire
@@ -33,11 +34,16 @@ class AsyncExchangeClient:
         s = self._settings
         started = time.monotonic()
         policy = retry.policy(max_attempts=s.max_attempts, deadline=s.exchange_deadline)
-        async for attempt in AsyncRetrying(**policy):
-            with attempt:
-                n = attempt.retry_state.attempt_number
-                issued = await self._attempt(started + s.exchange_deadline, n)
-                return replace(issued, took=time.monotonic() - started)
+        n = 0
+        try:
+            async for attempt in AsyncRetrying(**policy):
+                with attempt:
+                    n = attempt.retry_state.attempt_number
+                    issued = await self._attempt(started + s.exchange_deadline, n)
+                    return replace(issued, took=time.monotonic() - started, attempts=n)
+        except K2TokenError as exc:
+            exc.attempts = n  # for the metrics: how many requests this exchange made
+            raise
         raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
 
     async def _attempt(self, deadline: float, number: int) -> IssuedToken:

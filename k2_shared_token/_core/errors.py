@@ -12,9 +12,13 @@ from __future__ import annotations
 
 
 class K2TokenError(Exception):
-    """Base class of every error raised by k2_shared_token."""
+    """Base class of every error raised by k2_shared_token.
+
+    ``attempts``: on an error that ended an exchange, how many requests it made (else None).
+    """
 
     code = "error"
+    attempts: int | None = None
 
 
 class ConfigurationError(K2TokenError, ValueError):

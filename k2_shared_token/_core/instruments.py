@@ -38,9 +38,13 @@ class Instruments:
                     self.namespace,
                 )
             case flow.Wait():
-                self.metrics.record(metrics.WAIT, time.monotonic() - started)
+                self.metrics.record(
+                    metrics.WAIT, time.monotonic() - started, outcome=_wait_outcome(result)
+                )
             case flow.Exchange():
-                self.metrics.record(metrics.EXCHANGE_OK, result.took)
+                self.metrics.record(
+                    metrics.EXCHANGE_OK, result.took, attempts=result.attempts, outcome="ok"
+                )
                 if self._gate.is_open:
                     self.metrics.record(metrics.FALLBACK)
                 log.info(
@@ -50,11 +54,14 @@ class Instruments:
                     result.expires_in,
                 )
 
-    def failed(self, effect: flow.Effect[Any], started: float) -> None:
+    def failed(self, effect: flow.Effect[Any], started: float, exc: K2TokenError) -> None:
+        took = time.monotonic() - started
         if isinstance(effect, flow.Exchange):
-            self.metrics.record(metrics.EXCHANGE_FAILED, time.monotonic() - started)
+            self.metrics.record(
+                metrics.EXCHANGE_FAILED, took, attempts=exc.attempts, outcome=exc.code
+            )
         elif isinstance(effect, flow.Wait):
-            self.metrics.record(metrics.WAIT, time.monotonic() - started)
+            self.metrics.record(metrics.WAIT, took, outcome=exc.code)
 
     def refresh_failed(self, exc: K2TokenError, pause: float) -> float:
         """An early refresh failed; callers keep the current token. Returns the pause."""
@@ -125,3 +132,11 @@ class Instruments:
             "was shared" if deleted else "no longer shared",
         )
         return deleted
+
+
+def _wait_outcome(result: flow.WaitOutcome) -> str:
+    if result.snapshot is not None:
+        return "announced"
+    if result.error_code is not None:
+        return "holder_failed"
+    return "timed_out" if result.timed_out else "released"

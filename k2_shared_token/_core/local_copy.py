@@ -51,6 +51,14 @@ class LocalCopy:
                 return held.token
         return None
 
+    def seconds_left(self) -> float | None:
+        """How long the held copy has before it expires (0 once it has), None when none is
+        held. Read-only: no kick, no hit counted."""
+        held = self.held
+        if held is None:
+            return None
+        return max(0.0, held.source.expires_at - time.monotonic())
+
     @property
     def generation(self) -> int:
         """Read before a flow starts; :meth:`adopt` refuses a token if it changed meanwhile."""

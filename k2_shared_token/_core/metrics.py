@@ -2,8 +2,9 @@
 
 Counters cost nothing you would notice: the hot path (a local hit) bumps one integer and calls no
 hook; every other event is rare (a Redis read, an exchange, a wait) and also goes to the hooks
-you passed, e.g. to feed statsd, OpenTelemetry or a log. :mod:`k2_shared_token.contrib.prometheus`
-exports the same counters for Prometheus at scrape time.
+you passed (or added later with ``provider.add_hook``), e.g. to feed statsd or a log.
+:mod:`k2_shared_token.contrib.prometheus` exports the same counters for Prometheus at scrape
+time, :mod:`k2_shared_token.contrib.otel` for OpenTelemetry (with spans and histograms).
 
 A hook that raises is logged and ignored: observability must never take token delivery down.
 """
@@ -38,6 +39,13 @@ class Event:
     name: str
     namespace: str
     seconds: float | None = None  # for timed events: how long it took
+    # For exchanges: how many requests to K2 it made (retries included).
+    attempts: int | None = None
+    # For timed events: how it ended, one short word and never a token or message: "ok" for an
+    # exchange that succeeded, else the error's ``code`` ("invalid_client", "unavailable", ...);
+    # for a wait "announced", "holder_failed", "timed_out", "released" (the lock freed with no
+    # usable token) or the Redis error's code.
+    outcome: str | None = None
 
 
 Hook = Callable[[Event], None]
@@ -53,13 +61,30 @@ class Metrics:
         self._counts = dict.fromkeys(RECORDED, 0)
         self._seconds = dict.fromkeys(TIMED, 0.0)
 
-    def record(self, name: str, seconds: float | None = None) -> None:
+    def add_hook(self, hook: Hook) -> None:
+        with self._lock:
+            self._hooks = (*self._hooks, hook)
+
+    def remove_hook(self, hook: Hook) -> None:
+        """Stop calling ``hook`` (a no-op if it was never added)."""
+        with self._lock:
+            self._hooks = tuple(h for h in self._hooks if h != hook)
+
+    def record(
+        self,
+        name: str,
+        seconds: float | None = None,
+        *,
+        attempts: int | None = None,
+        outcome: str | None = None,
+    ) -> None:
         with self._lock:
             self._counts[name] += 1
             if seconds is not None:
                 self._seconds[name] += seconds
-        event = Event(name, self.namespace, seconds)
-        for hook in self._hooks:
+            hooks = self._hooks
+        event = Event(name, self.namespace, seconds, attempts, outcome)
+        for hook in hooks:
             try:
                 hook(event)
             except Exception:

@@ -13,6 +13,7 @@ from .tokens import AccessToken
 
 if TYPE_CHECKING:
     from .._k2.token_api import Introspection, TokenInfo
+    from .metrics import Hook
 
 
 class TokenSource(Protocol):
@@ -52,3 +53,14 @@ class StatsSource(Protocol):
     def namespace(self) -> str: ...
 
     def stats(self) -> dict[str, float]: ...
+
+
+class ObservedSource(StatsSource, Protocol):
+    """What the OpenTelemetry export needs besides the counters: the events as they happen, and
+    the held token's remaining lifetime."""
+
+    def seconds_left(self) -> float | None: ...
+
+    def add_hook(self, hook: Hook) -> None: ...
+
+    def remove_hook(self, hook: Hook) -> None: ...

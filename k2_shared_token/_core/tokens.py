@@ -67,6 +67,7 @@ class IssuedToken:
     requested_at: float
     requested_at_wall: float  # the same instant on the wall clock, for status displays
     took: float  # seconds the exchange took, retries included
+    attempts: int = 1  # requests the exchange made, the one that succeeded included
 
 
 @dataclass(frozen=True)

@@ -336,8 +336,8 @@ class SharedTokenProvider(ProviderExtras):
         started = time.monotonic()
         try:
             result = self._perform(effect)
-        except K2TokenError:
-            self._instruments.failed(effect, started)
+        except K2TokenError as exc:
+            self._instruments.failed(effect, started, exc)
             raise
         self._instruments.performed(effect, result, started)
         return result
@@ -511,6 +511,20 @@ class SharedTokenProvider(ProviderExtras):
         out.update(self._metrics.counts())
         out.update({f"{name}_seconds": t for name, t in self._metrics.seconds().items()})
         return out
+
+    def seconds_left(self) -> float | None:
+        """Seconds until the token this process holds expires (0 once it has), or None when it
+        holds none (before the first call, after an invalidation, or with ``local_cache`` off
+        while Redis has the token). Reads the local copy only: no I/O, no refresh."""
+        return self._local.seconds_left()
+
+    def add_hook(self, hook: Hook) -> None:
+        """Also call ``hook`` with every event from now on (as ``hooks=`` at construction)."""
+        self._metrics.add_hook(hook)
+
+    def remove_hook(self, hook: Hook) -> None:
+        """Stop calling ``hook`` (added here or at construction); a no-op if it is unknown."""
+        self._metrics.remove_hook(hook)
 
     def status(self) -> dict[str, Any]:
         """The namespace's shared state in Redis, for operators; never the token itself."""
