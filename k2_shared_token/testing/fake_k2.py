@@ -917,10 +917,18 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle_token(self, body: bytes, query: str) -> None:
         fake = self.server.fake
         racing = fake._token_request_started()
+        self._token_in_flight = True
         try:
             self._serve_token(body, query, racing)
         finally:
-            fake._token_request_ended()
+            self._end_token_request()
+
+    def _end_token_request(self) -> None:
+        """No longer in flight, before the reply goes out: a client that sends its next request
+        the moment it has this reply must not be taken for a second, racing one."""
+        if self._token_in_flight:
+            self._token_in_flight = False
+            self.server.fake._token_request_ended()
 
     def _serve_token(self, body: bytes, query: str, racing: bool) -> None:
         fake = self.server.fake
@@ -943,7 +951,9 @@ class _Handler(BaseHTTPRequestHandler):
         if params is None:
             self._write(self._unparseable())
             return
-        self._write(fake._token_reply(params, self._basic_credentials(), racing))
+        reply = fake._token_reply(params, self._basic_credentials(), racing)
+        self._end_token_request()
+        self._write(reply)
 
     # ----------------------------------------------------------------- request parsing
 
