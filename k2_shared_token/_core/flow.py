@@ -117,6 +117,10 @@ def perform(effect: Effect[R]) -> Generator[Effect[Any], Any, R]:
 
 DEFAULT_BACKOFF = BackoffPolicy()
 
+# A token handed out as the last resort (below min_validity, instead of an error) still needs
+# this long to reach K2 before it dies there: never send a token whose expiry has passed.
+LAST_RESORT_MARGIN = 0.05
+
 
 def own_snapshot(
     issued: IssuedToken,
@@ -285,7 +289,7 @@ class _Sighting:
 
     def alive(self, now: float) -> Snapshot | None:
         snap = self.snapshot
-        return snap if snap is not None and now < snap.seen_at + snap.ttl_ms / 1000 else None
+        return snap if snap is not None and now < snap.expires_at - LAST_RESORT_MARGIN else None
 
 
 def obtain(
