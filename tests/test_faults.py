@@ -337,8 +337,12 @@ def judge(
     verdict = Verdict()
 
     def valid_at(t: float) -> bool:
+        # A token K2 has just issued is not a token the callers can have yet: the holder still
+        # has to publish it, and the announcement to arrive (OBSERVATION_SLACK).
         return any(
-            life.issued_at <= t < min(life.expires_at, life.revoked_at) - VALIDITY_SLACK
+            life.issued_at + OBSERVATION_SLACK
+            <= t
+            < min(life.expires_at, life.revoked_at) - VALIDITY_SLACK
             for life in lives.values()
         )
 
