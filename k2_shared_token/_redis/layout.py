@@ -59,6 +59,20 @@ local v = redis.pcall('GET', KEYS[1])
 if type(v) == 'table' then v = '!wrongtype' end
 """
 
+# Add a trait of K2's server to the namespace's list (comma separated, each once); the list
+# lives 30 days past the last time something was learned or a token confirmed it.
+_LEARN = """
+local function learn(key, trait)
+  local s = redis.pcall('GET', key)
+  if type(s) ~= 'string' then s = '' end
+  if not string.find(',' .. s .. ',', ',' .. trait .. ',', 1, true) then
+    s = (s == '' and trait) or (s .. ',' .. trait)
+  end
+  redis.call('SET', key, s, 'PX', 2592000000)
+  return s
+end
+"""
+
 READ = (
     _READ_CACHED
     + """
@@ -136,26 +150,22 @@ learned of K2's server):
   ignored, so a rotated secret is tried at once.
 """
 
-PUBLISH = """
+PUBLISH = (
+    _LEARN
+    + """
 local newest = redis.pcall('GET', KEYS[3])
 local written = 0
 if newest == ARGV[2] then
   redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
   redis.call('DEL', KEYS[4], KEYS[5])
   redis.call('PUBLISH', ARGV[5], 'T' .. ARGV[4] .. ':' .. ARGV[3])
-  if ARGV[6] ~= '' then
-    local s = redis.pcall('GET', KEYS[6])
-    if type(s) ~= 'string' then s = '' end
-    if not string.find(',' .. s .. ',', ',' .. ARGV[6] .. ',', 1, true) then
-      s = (s == '' and ARGV[6]) or (s .. ',' .. ARGV[6])
-    end
-    redis.call('SET', KEYS[6], s, 'PX', 2592000000)
-  end
+  if ARGV[6] ~= '' then learn(KEYS[6], ARGV[6]) end
   written = 1
 end
 if redis.pcall('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return written
 """
+)
 """Write a freshly exchanged token, wake every waiter, release the lock: one round trip.
 
 KEYS: token, lock, fence, backoff, failures, server. ARGV: owner, fence, value, ttl_ms, channel,
@@ -184,15 +194,12 @@ KEYS: lock, backoff, failures. ARGV: owner, channel, announcement ('' for none),
 owner records a hold-off: a holder that stalled past its lease reports nothing.
 """
 
-LEARN = """
-local s = redis.pcall('GET', KEYS[1])
-if type(s) ~= 'string' then s = '' end
-if not string.find(',' .. s .. ',', ',' .. ARGV[1] .. ',', 1, true) then
-  s = (s == '' and ARGV[1]) or (s .. ',' .. ARGV[1])
-end
-redis.call('SET', KEYS[1], s, 'PX', 2592000000)
-return s
+LEARN = (
+    _LEARN
+    + """
+return learn(KEYS[1], ARGV[1])
 """
+)
 """Record what the fleet learned of K2's server (a trait such as ``revoke``), kept with the
 others. KEYS: server. ARGV: the trait. Returns every trait known."""
 
