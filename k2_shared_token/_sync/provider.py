@@ -446,30 +446,27 @@ class SharedTokenProvider(ProviderExtras):
         return check_token(token.value if isinstance(token, AccessToken) else token)
 
     def revoke(self, token: str | AccessToken | None = None) -> bool:
-        """Revoke ``token`` (by default the current shared token): first :meth:`invalidate`
-        it, a compare-and-delete in Redis that is announced, so every process drops its copy
-        before K2 starts refusing it; then ``POST /oauth/revoke``. The next call gets a new
-        token with one exchange fleet-wide.
+        """Revoke ``token`` at K2 (``POST /oauth/revoke``; by default the current shared
+        token), then :meth:`invalidate` it: compare-and-delete in Redis and drop this
+        process's copy, so the next call gets a new token with one exchange fleet-wide.
 
         True if it was the shared token in Redis. K2 answers 200 for an unknown or already
         revoked token too; it refuses (:class:`TokenRequestRejectedError`, 403
-        ``unauthorized_client``) wrong credentials or another client's token. The token is
-        dropped from the cache even then: a new one costs one exchange, a token someone wanted
-        dead must not stay in use.
+        ``unauthorized_client``) wrong credentials or another client's token, and then
+        nothing is invalidated.
         """
         value = self._token_value(token)
+        self._token_api.revoke(value)
         try:
-            shared = self.invalidate(value)
+            return self.invalidate(value)
         except SharedCacheError:
             log.warning(
-                "namespace %s: Redis failed, so the shared copy of token %s was not dropped "
-                "before revoking it; other processes drop it at their first 401",
+                "namespace %s: token %s was revoked at K2 but Redis failed, so the shared copy "
+                "was not dropped; other processes drop it at their first 401",
                 self.namespace,
                 fingerprint_of(value),
             )
-            shared = False
-        self._token_api.revoke(value)
-        return shared
+            raise
 
     def introspect(self, token: str | AccessToken | None = None) -> Introspection:
         """What K2 says about ``token`` (``POST /oauth/introspect``; by default the current
