@@ -486,10 +486,7 @@ def test_a_provider_built_before_fork_works_in_the_child(make_provider: Make) ->
             ok = provider.get_token() == token
             # The child's first call re-reads the copy off its path and subscribes anew.
             ok = ok and provider.wait_for_refresh(5)
-            deadline = time.monotonic() + 5
-            while provider.stats()["backplane"] != 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            ok = ok and provider.stats()["backplane"] == 1
+            wait_until(lambda: provider.stats()["backplane"] == 1, 5, "the child's subscription")
             provider.invalidate(token)
             ok = ok and provider.get_token() != token
             os.write(write, b"1" if ok else b"0")
