@@ -24,7 +24,6 @@ Interruption is designed in, not patched on:
 
 from __future__ import annotations
 
-import _thread
 import asyncio
 import os
 import threading
@@ -36,6 +35,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Generic, Protocol, TypeVar
 
 from ._core.errors import TokenUnavailableError
+from ._scheduler import AsyncScheduler, Scheduler
 
 T = TypeVar("T")
 
@@ -176,14 +176,11 @@ OnError = Callable[[BaseException], float]
 
 
 class Refresher:
-    """Early refresh off the callers' path: one long-lived daemon thread per provider.
+    """Early refresh off the callers' path, on the process's :class:`.._scheduler.Scheduler`.
 
-    The caller that notices a stale token sets an Event and returns the current token at once.
-    A thread started per refresh would cost that caller the thread start (milliseconds on a busy
-    2-core machine, measured in the rollover benchmark), so the thread is started once, by the
-    first kick, without waiting for it to run (``_thread.start_new_thread``: ``Thread.start``
-    blocks until the new thread runs), and then only woken. The job returns ``None`` when done,
-    or seconds to pause before the next kick may run it again.
+    The caller that notices a stale token queues the job and returns the current token at once;
+    at most one job per provider is queued or running. The job returns ``None`` when done, or
+    seconds to pause before the next kick may run it again.
     """
 
     def __init__(self, job: Job, on_error: OnError, name: str) -> None:
@@ -191,12 +188,10 @@ class Refresher:
         self._on_error = on_error
         self._name = name
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
         self._pending = False  # a job is queued or running
         self._not_before = 0.0
-        self._started = False
         self._closed = False
 
     def kick(self) -> None:
@@ -208,27 +203,20 @@ class Refresher:
                 return
             self._pending = True
             self._idle.clear()
-            if not self._started:
-                _thread.start_new_thread(self._loop, ())
-                self._started = True
-        self._wake.set()
+        Scheduler.here().submit(self._run)
 
-    def _loop(self) -> None:
-        threading.current_thread().name = self._name
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            if self._closed:
-                return
-            try:
+    def _run(self) -> None:
+        pause: float | None = None
+        try:
+            if not self._closed:
                 pause = self._job()
-            except Exception as exc:
-                pause = self._on_error(exc)
-            finally:
-                self._pending = False
-                self._idle.set()
+        except Exception as exc:
+            pause = self._on_error(exc)
+        finally:
             if pause:
                 self._not_before = time.monotonic() + pause
+            self._pending = False
+            self._idle.set()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until no job is pending (tests, orderly shutdown). True if idle."""
@@ -237,16 +225,16 @@ class Refresher:
     def close(self) -> None:
         """No job starts after this; a running one finishes (its effects are refused)."""
         self._closed = True
-        self._wake.set()
         self.join(1.0)
 
     def after_fork(self) -> Refresher:
-        """A child inherits no thread: a new refresher, started by the child's first kick."""
+        """A child inherits no worker: a new refresher, on the child's own scheduler."""
         return Refresher(self._job, self._on_error, self._name)
 
 
 class AsyncRefresher:
-    """The asyncio refresher: a task per refresh (cheap in asyncio), one at a time."""
+    """The asyncio refresher: a task per refresh, one at a time, on the loop's
+    :class:`.._scheduler.AsyncScheduler`."""
 
     def __init__(self, job: AsyncJob, on_error: OnError, name: str) -> None:
         self._job = job
@@ -259,7 +247,7 @@ class AsyncRefresher:
     def kick(self) -> None:
         if self._task is not None or self._closed or time.monotonic() < self._not_before:
             return
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=self._name)
+        self._task = AsyncScheduler.here().submit(self._run, self._name)
 
     async def _run(self) -> None:
         try:

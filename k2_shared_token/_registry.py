@@ -54,6 +54,8 @@ _OWN = frozenset({"self", "redis", "base_url"})
 _SHARED = frozenset({"session", "hooks"}) | (OPTION_NAMES - _PER_PROVIDER - _OWN)
 _SETTINGS = OPTION_NAMES - _PER_PROVIDER - _OWN
 
+_KNOWN_URLS = 64  # distinct base URLs remembered in their normalised form (K2 has two)
+
 _live: weakref.WeakSet[RegistryBase[Any]] = weakref.WeakSet()
 
 
@@ -103,6 +105,7 @@ class RegistryBase(Generic[P]):
             redis, settings.redis_timeout, asyncio=self._asyncio
         )
         self._providers: dict[tuple[str, str], P] = {}
+        self._urls: dict[str, str] = {}  # base URLs as given -> normalised
         self._lock = threading.Lock()
         self._closed = False
         _live.add(self)
@@ -115,10 +118,14 @@ class RegistryBase(Generic[P]):
     def _key(self, client_id: str, base_url: str | None) -> tuple[str, str]:
         if not isinstance(client_id, str) or not client_id.strip():
             raise ConfigurationError("client_id must be a non-empty string")
-        url = normalise_base_url(
-            self.default_base_url if base_url is None else base_url,
-            allow_insecure_http=self._allow_insecure_http,
-        )
+        if base_url is None:
+            return self.default_base_url, client_id
+        # The warm path of get_token(): parsing the URL would cost more than the token does.
+        url = self._urls.get(base_url)
+        if url is None:
+            url = normalise_base_url(base_url, allow_insecure_http=self._allow_insecure_http)
+            if len(self._urls) < _KNOWN_URLS:
+                self._urls[base_url] = url
         return url, client_id
 
     def provider(

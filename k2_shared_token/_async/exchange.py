@@ -2,7 +2,8 @@
 
 Same request, same retry policy, same timeouts clipped to the exchange deadline and the same
 reply verdict (:mod:`.._k2.attempts`) on both sides: only the transport differs (httpx here,
-requests in the generated blocking client).
+requests in the generated blocking client). Every attempt takes one of the process's exchange
+slots (``max_exchanges``), so a thousand tenants coming due together reach K2 a few at a time.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .._core.tokens import IssuedToken
 from .._k2 import retry, wire
 from .._k2.attempts import MAX_BODY, attempt_timeouts, issued_from_reply, unavailable
 from .._k2.transport import AsyncTransport, TransportError
+from .._scheduler import AsyncExchangeSlots
 
 
 class AsyncExchangeClient:
@@ -48,9 +50,12 @@ class AsyncExchangeClient:
 
     async def _attempt(self, deadline: float, number: int) -> IssuedToken:
         s = self._settings
-        timeout = attempt_timeouts(s, deadline)
-        requested_at, requested_at_wall = time.monotonic(), time.time()
+        slots = AsyncExchangeSlots.here(s.max_exchanges)
+        if not await slots.acquire(deadline - time.monotonic()):
+            raise unavailable(s, "found no free exchange slot in this process in time", number)
         try:
+            timeout = attempt_timeouts(s, deadline)
+            requested_at, requested_at_wall = time.monotonic(), time.time()
             reply = await self.transport.post(
                 s.token_url,
                 wire.form(s.client_id, s.client_secret),
@@ -60,6 +65,8 @@ class AsyncExchangeClient:
             )
         except TransportError as exc:
             raise unavailable(s, f"failed ({exc.kind})", number) from None
+        finally:
+            slots.release()
         return issued_from_reply(
             reply.status,
             reply.headers,

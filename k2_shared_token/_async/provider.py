@@ -54,6 +54,7 @@ from .._redis import codec, crypto
 from .._redis.clients import connect
 from .._redis.commands import Namespace
 from .._redis.layout import Keys
+from .._scheduler import AsyncScheduler, weakly
 from .backplane import AsyncBackplane, backplane_for
 from .exchange import AsyncExchangeClient
 from .store import AsyncRedisStore
@@ -123,13 +124,14 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
         self._revocations = LocalRevocations()
         self._learned_revoke = False
         self._store = AsyncRedisStore(client, self._ops)
-        self._exchange = AsyncExchangeClient(s, AsyncTransport(session))
+        self._exchange = AsyncExchangeClient(s, AsyncTransport(session, s.base_url))
         self._token_api = AsyncTokenApiClient(s, self._exchange.transport)
         self._flight: AsyncFlight[Held] = AsyncFlight()
         self._refresher = AsyncRefresher(
             self._refresh_job, self._refresh_crashed, f"k2-token-refresh-{s.namespace}"
         )
         self._local.kick = self._refresher.kick
+        self._local.watch = self._watch_idle
         self._backplane: AsyncBackplane | None = None
         self._closed = False
         _concurrency.reset_in_children(self)
@@ -223,6 +225,8 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
     async def _refresh_job(self) -> float | None:
         """Refresh or re-confirm the token off the callers' path; returns a pause before the
         next refresh may run, or None."""
+        if self._closed:
+            return None  # kicked just before close(): nothing to refresh for
         if self._backplane is None and self.settings.backplane:
             self._join_backplane()  # a forked child's first refresh (its copy stays warm)
         held, generation = self._local.held, self._local.generation
@@ -249,6 +253,13 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
             return min(pause, self.settings.redis_cooldown) if self._gate.is_open else pause
         self._local.adopt(snap, generation)
         return None
+
+    def _watch_idle(self) -> None:
+        AsyncScheduler.here().call_later(self.settings.local_idle, weakly(self._idle_check))
+
+    def _idle_check(self) -> None:
+        if self._local.idle_check() and not self._closed:
+            self._watch_idle()
 
     def _refresh_crashed(self, exc: BaseException) -> float:
         held = self._local.held

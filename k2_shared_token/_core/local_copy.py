@@ -32,10 +32,14 @@ class LocalCopy:
         self.held: Held | None = None
         self.hits = 0  # a bare int bumped on the hot path: may lag a little, never locks
         self.kick: Callable[[], None] = _no_kick  # wakes the background refresh
+        self.watch: Callable[[], None] = _no_kick  # arms an idle_check() after local_idle
         self._keep_shared = keep_shared
         self._recheck_unshared = recheck_unshared
         self._generation = 0
         self._lock = threading.Lock()
+        self._watched = False  # an idle_check() is due
+        self._dropped = ""  # the token last reported dead: never adopted again
+        self._hits_seen = 0
 
     def token(self) -> AccessToken | None:
         """The copy while it is usable (kicking a refresh once it is stale), else None."""
@@ -80,14 +84,41 @@ class LocalCopy:
             kept: Held | None = replace(held, recheck_at=min(held.recheck_at, probe_at))
         else:
             kept = held if self._keep_shared else None
+        arm = False
         with self._lock:
-            if generation == self._generation:
+            # An announcement of a token delivered after that token was dropped here (a 401,
+            # an invalidate) must not bring it back: the drop bumped the generation, but the
+            # backplane reads the generation only when the late message arrives.
+            if generation == self._generation and snap.stored.value != self._dropped:
                 self.held = kept
+                arm = kept is not None and not self._watched
+                self._watched = self._watched or arm
+        if arm:
+            self.watch()
         return held
+
+    def idle_check(self) -> bool:
+        """Drop the copy if no call used it since the last check: with thousands of tenants,
+        memory is bounded by the ones in use. A token Redis does not have (the fallback's) is
+        kept, since dropping it would cost an exchange. True while the copy should be watched
+        further (:attr:`watch` arms the next check)."""
+        with self._lock:
+            held, hits = self.held, self.hits
+            if held is None:
+                self._watched = False
+                return False
+            if hits != self._hits_seen or held.source.stored.fence == 0:
+                self._hits_seen = hits
+                return True
+            self._generation += 1
+            self.held = None
+            self._watched = False
+            return False
 
     def forget(self, value: str) -> None:
         """Drop the copy if it is ``value`` (a 401 or an invalidate)."""
         with self._lock:
+            self._dropped = value
             held = self.held
             if held is not None and held.token.value == value:
                 self._generation += 1
@@ -119,4 +150,5 @@ class LocalCopy:
     def reset_after_fork(self) -> None:
         """A child keeps the still-valid token but not a lock another thread may have held."""
         self._lock = threading.Lock()
-        self.hits = 0
+        self.hits = self._hits_seen = 0
+        self._watched = False  # the parent's timers are not the child's: the next adopt re-arms

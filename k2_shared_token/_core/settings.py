@@ -207,11 +207,19 @@ class Settings:
     max_attempts: int = knob(
         4, "exchange attempts (5xx, 429, 408, timeouts, garbage replies are retried)", COUNT
     )
+    max_exchanges: int = knob(
+        8, "at most this many token requests in flight at once in this process, all namespaces "
+        "together (per event loop for asyncio); more wait their turn inside their deadline", COUNT,
+    )  # fmt: skip
     local_cache: bool = knob(True, "per-process copy; off means one Redis round trip per call",
                              FLAG)  # fmt: skip
     local_max_age: float = knob(
         60.0, "longest a warm worker trusts its copy before re-reading Redis (in the background)",
         SECONDS,
+    )  # fmt: skip
+    local_idle: float = knob(
+        900.0, "a namespace's copy unused this long is dropped (memory stays bounded with many "
+        "tenants); its next call re-reads Redis", SECONDS,
     )  # fmt: skip
     redis_timeout: float = knob(1.0, "connect and socket timeout of the Redis client we create",
                                 SECONDS)  # fmt: skip

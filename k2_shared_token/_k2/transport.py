@@ -7,13 +7,23 @@ means) is written once in :mod:`k2_shared_token._async.exchange`, :mod:`.attempt
 A transport returns the status, the headers and at most ``limit + 1`` bytes of the body, or
 raises :class:`TransportError` naming the failure's class only: the HTTP libraries' own
 messages can contain the full URL and are not ours to vouch for.
+
+Without a session of the user's, the providers of one base URL share one HTTP client and its
+connection pool (per process; per event loop for asyncio): a thousand tenants of one K2 keep a
+few connections open, not a thousand. A shared client keeps no cookies, so nothing one tenant's
+reply sets travels with another tenant's request. It is closed when its last provider closes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import http.cookiejar
+import os
+import threading
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import requests
 import urllib3
@@ -37,18 +47,68 @@ class Reply:
     body: bytes
 
 
-class Transport:
-    """requests; ``session`` is yours to close if you pass one."""
+C = TypeVar("C")
 
-    def __init__(self, session: Any = None) -> None:
+
+_NO_COOKIES = http.cookiejar.DefaultCookiePolicy(allowed_domains=[])
+
+
+class _Shared(Generic[C]):
+    """HTTP clients shared per base URL, counted by their users, made anew in a forked child
+    (whose pooled connections would be the parent's)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._clients: dict[str, tuple[C, int]] = {}
+
+    def acquire(self, key: str, make: Callable[[], C]) -> C:
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid, self._clients = os.getpid(), {}
+            client, users = self._clients.get(key) or (make(), 0)
+            self._clients[key] = (client, users + 1)
+            return client
+
+    def release(self, key: str) -> C | None:
+        """The client to close, once its last user let go of it; else None."""
+        with self._lock:
+            entry = self._clients.get(key)
+            if entry is None or self._pid != os.getpid():
+                return None
+            client, users = entry
+            if users > 1:
+                self._clients[key] = (client, users - 1)
+                return None
+            del self._clients[key]
+            return client
+
+
+def _requests_session() -> requests.Session:
+    session = requests.Session()
+    session.cookies.set_policy(_NO_COOKIES)
+    return session
+
+
+_sessions: _Shared[requests.Session] = _Shared()
+
+
+class Transport:
+    """requests; ``session`` is yours to close if you pass one, else the session of
+    ``base_url`` shared in this process is used."""
+
+    def __init__(self, session: Any = None, base_url: str = "") -> None:
         if session is not None and not isinstance(session, requests.Session):
             raise ConfigurationError(
                 "session must be a requests.Session for SharedTokenProvider "
                 f"(got {type(session).__name__}; an httpx.AsyncClient belongs to "
                 "AsyncSharedTokenProvider)"
             )
-        self._session = session or requests.Session()
+        self._key = base_url
         self._owns = session is None
+        self._session: requests.Session = (
+            _sessions.acquire(base_url, _requests_session) if session is None else session
+        )
 
     def request(
         self,
@@ -90,13 +150,15 @@ class Transport:
         return self.request("POST", url, data=data, headers=headers, timeout=timeout, limit=limit)
 
     def reset_after_fork(self) -> None:
-        """Pooled connections are shared with the parent after fork(); start a fresh pool."""
+        """Pooled connections are shared with the parent after fork(); take the child's own."""
         if self._owns:
-            self._session = requests.Session()
+            self._session = _sessions.acquire(self._key, _requests_session)
 
     def close(self) -> None:
         if self._owns:
-            self._session.close()
+            last = _sessions.release(self._key)
+            if last is not None:
+                last.close()
 
 
 def _httpx() -> Any:
@@ -110,10 +172,16 @@ def _httpx() -> Any:
     return httpx
 
 
-class AsyncTransport:
-    """httpx; the client is made on first use, inside the running loop that will use it."""
+_async_clients: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, _Shared[httpx.AsyncClient]
+] = weakref.WeakKeyDictionary()
 
-    def __init__(self, client: httpx.AsyncClient | None = None) -> None:
+
+class AsyncTransport:
+    """httpx; without a client of the user's, the one of ``base_url`` shared in the running
+    loop is taken on first use (an httpx client belongs to the loop it was used in)."""
+
+    def __init__(self, client: httpx.AsyncClient | None = None, base_url: str = "") -> None:
         self._httpx = _httpx()
         if client is not None and not isinstance(client, self._httpx.AsyncClient):
             raise ConfigurationError(
@@ -122,11 +190,21 @@ class AsyncTransport:
             )
         self._client: httpx.AsyncClient | None = client
         self._owns = client is None
+        self._key = base_url
+        self._shared: _Shared[httpx.AsyncClient] | None = None
 
     def _http(self) -> httpx.AsyncClient:
         client = self._client
         if client is None:
-            client = self._client = self._httpx.AsyncClient(follow_redirects=False)
+            loop = asyncio.get_running_loop()
+            shared = self._shared = _async_clients.setdefault(loop, _Shared())
+            client = self._client = shared.acquire(self._key, self._new_client)
+        return client
+
+    def _new_client(self) -> httpx.AsyncClient:
+        client: httpx.AsyncClient = self._httpx.AsyncClient(
+            follow_redirects=False, cookies=http.cookiejar.CookieJar(_NO_COOKIES)
+        )
         return client
 
     async def request(
@@ -174,9 +252,12 @@ class AsyncTransport:
 
     def reset_after_fork(self) -> None:
         if self._owns:
-            self._client = None
+            self._client, self._shared = None, None
 
     async def aclose(self) -> None:
-        if self._owns and self._client is not None:
-            await self._client.aclose()
+        shared, self._shared = self._shared, None
+        if self._owns and shared is not None:
             self._client = None
+            last = shared.release(self._key)
+            if last is not None:
+                await last.aclose()

@@ -3,7 +3,8 @@
 
 Same request, same retry policy, same timeouts clipped to the exchange deadline and the same
 reply verdict (:mod:`.._k2.attempts`) on both sides: only the transport differs (httpx here,
-requests in the generated blocking client).
+requests in the generated blocking client). Every attempt takes one of the process's exchange
+slots (``max_exchanges``), so a thousand tenants coming due together reach K2 a few at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .._core.tokens import IssuedToken
 from .._k2 import retry, wire
 from .._k2.attempts import MAX_BODY, attempt_timeouts, issued_from_reply, unavailable
 from .._k2.transport import Transport, TransportError
+from .._scheduler import ExchangeSlots
 
 
 class ExchangeClient:
@@ -49,9 +51,12 @@ class ExchangeClient:
 
     def _attempt(self, deadline: float, number: int) -> IssuedToken:
         s = self._settings
-        timeout = attempt_timeouts(s, deadline)
-        requested_at, requested_at_wall = time.monotonic(), time.time()
+        slots = ExchangeSlots.here(s.max_exchanges)
+        if not slots.acquire(deadline - time.monotonic()):
+            raise unavailable(s, "found no free exchange slot in this process in time", number)
         try:
+            timeout = attempt_timeouts(s, deadline)
+            requested_at, requested_at_wall = time.monotonic(), time.time()
             reply = self.transport.post(
                 s.token_url,
                 wire.form(s.client_id, s.client_secret),
@@ -61,6 +66,8 @@ class ExchangeClient:
             )
         except TransportError as exc:
             raise unavailable(s, f"failed ({exc.kind})", number) from None
+        finally:
+            slots.release()
         return issued_from_reply(
             reply.status,
             reply.headers,

@@ -55,6 +55,7 @@ from .._redis import codec, crypto
 from .._redis.clients import connect
 from .._redis.commands import Namespace
 from .._redis.layout import Keys
+from .._scheduler import Scheduler, weakly
 from .backplane import Backplane, backplane_for
 from .exchange import ExchangeClient
 from .store import RedisStore
@@ -124,13 +125,14 @@ class SharedTokenProvider(ProviderExtras):
         self._revocations = LocalRevocations()
         self._learned_revoke = False
         self._store = RedisStore(client, self._ops)
-        self._exchange = ExchangeClient(s, Transport(session))
+        self._exchange = ExchangeClient(s, Transport(session, s.base_url))
         self._token_api = TokenApiClient(s, self._exchange.transport)
         self._flight: Flight[Held] = Flight()
         self._refresher = Refresher(
             self._refresh_job, self._refresh_crashed, f"k2-token-refresh-{s.namespace}"
         )
         self._local.kick = self._refresher.kick
+        self._local.watch = self._watch_idle
         self._backplane: Backplane | None = None
         self._closed = False
         _concurrency.reset_in_children(self)
@@ -224,6 +226,8 @@ class SharedTokenProvider(ProviderExtras):
     def _refresh_job(self) -> float | None:
         """Refresh or re-confirm the token off the callers' path; returns a pause before the
         next refresh may run, or None."""
+        if self._closed:
+            return None  # kicked just before close(): nothing to refresh for
         if self._backplane is None and self.settings.backplane:
             self._join_backplane()  # a forked child's first refresh (its copy stays warm)
         held, generation = self._local.held, self._local.generation
@@ -250,6 +254,13 @@ class SharedTokenProvider(ProviderExtras):
             return min(pause, self.settings.redis_cooldown) if self._gate.is_open else pause
         self._local.adopt(snap, generation)
         return None
+
+    def _watch_idle(self) -> None:
+        Scheduler.here().call_later(self.settings.local_idle, weakly(self._idle_check))
+
+    def _idle_check(self) -> None:
+        if self._local.idle_check() and not self._closed:
+            self._watch_idle()
 
     def _refresh_crashed(self, exc: BaseException) -> float:
         held = self._local.held

@@ -304,6 +304,8 @@ class FakeK2Server:
         self._expires_in = _check_expires_in(expires_in)
         self._mode = _check_choice("token_mode", token_mode, TOKEN_MODES)
         self._in_flight = 0  # token requests being served (a race, in revoke-previous mode)
+        self._peak_in_flight = 0
+        self._connections_accepted = 0
         self._latency = _check_latency(latency)
         self._created_at = _check_choice("created_at", created_at, CREATED_AT_FORMATS)
         self._introspection_times = _check_choice(
@@ -503,6 +505,19 @@ class FakeK2Server:
             return self._token_requests
 
     @property
+    def peak_in_flight(self) -> int:
+        """The most token requests served at once since the counters were last reset."""
+        with self._lock:
+            return self._peak_in_flight
+
+    @property
+    def connections_accepted(self) -> int:
+        """TCP connections accepted since the counters were last reset (keep-alive reuse
+        shows as fewer connections than requests)."""
+        with self._lock:
+            return self._connections_accepted
+
+    @property
     def api_requests(self) -> int:
         with self._lock:
             return self._api_requests
@@ -530,6 +545,8 @@ class FakeK2Server:
             self._token_requests = 0
             self._api_requests = 0
             self._api_unauthorized = 0
+            self._peak_in_flight = self._in_flight
+            self._connections_accepted = 0
             self._issued.clear()
 
     # ----------------------------------------------------------------- test controls
@@ -587,6 +604,7 @@ class FakeK2Server:
             if self._stopping.is_set():
                 return False
             self._connections.add(conn)
+            self._connections_accepted += 1
             return True
 
     def _untrack_connection(self, conn: socket.socket) -> None:
@@ -633,6 +651,7 @@ class FakeK2Server:
         """Count a token request in flight; True if another one already was (a race)."""
         with self._lock:
             self._in_flight += 1
+            self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
             return self._in_flight > 1
 
     def _token_request_ended(self) -> None:
