@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -213,3 +214,17 @@ def test_a_forked_child_gets_its_own_scheduler() -> None:
     finally:
         os.close(read)
         os.waitpid(pid, 0)
+
+
+def test_a_late_announcement_of_a_dropped_token_does_not_bring_it_back() -> None:
+    """The backplane adopts with the generation it reads on delivery: a publish announced
+    before an invalidate but delivered after it must not restore the dead token."""
+    copy, _ = copy_holding(fence=1)
+    assert copy.held is not None
+    dead = copy.held.source
+    copy.forget(dead.stored.value)
+    copy.adopt(dead, copy.generation)
+    assert copy.held is None
+    newer = replace(dead, stored=replace(dead.stored, value="n" * 40, fence=2))
+    copy.adopt(newer, copy.generation)
+    assert copy.held is not None and copy.held.token.value == "n" * 40
