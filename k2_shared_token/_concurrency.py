@@ -188,9 +188,8 @@ class Refresher:
         self._on_error = on_error
         self._name = name
         self._lock = threading.Lock()
-        self._idle = threading.Event()
-        self._idle.set()
         self._pending = False  # a job is queued or running
+        self._done: threading.Event | None = None  # made by join(), only while a job is pending
         self._not_before = 0.0
         self._closed = False
 
@@ -202,7 +201,6 @@ class Refresher:
             if self._pending or self._closed:
                 return
             self._pending = True
-            self._idle.clear()
         Scheduler.here().submit(self._run)
 
     def _run(self) -> None:
@@ -215,12 +213,20 @@ class Refresher:
         finally:
             if pause:
                 self._not_before = time.monotonic() + pause
-            self._pending = False
-            self._idle.set()
+            with self._lock:
+                self._pending = False
+                done, self._done = self._done, None
+            if done is not None:
+                done.set()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait until no job is pending (tests, orderly shutdown). True if idle."""
-        return self._idle.wait(timeout)
+        """Wait until no job is pending (tests, orderly shutdown). True if idle. The event is
+        made here rather than per provider: thousands of idle tenants need none."""
+        with self._lock:
+            if not self._pending:
+                return True
+            done = self._done = self._done or threading.Event()
+        return done.wait(timeout)
 
     def close(self) -> None:
         """No job starts after this; a running one finishes (its effects are refused)."""

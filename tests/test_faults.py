@@ -860,7 +860,10 @@ def check_resumed_holder(
         for line in holder_report.logs
         if "a newer lock holder exists" in line.message and line.at >= continued_at
     ]
-    assert stale_publish, "the resumed holder never tried to publish its stale token"
+    assert stale_publish, (
+        "the resumed holder never tried to publish its stale token; it logged: "
+        f"{[line.message for line in holder_report.logs if line.at >= continued_at][:10]}"
+    )
     # Redis's own account, from SIGCONT on: the first token write is the survivor's, and the
     # lock was neither deleted nor expired before it (the holder's publish touched neither).
     after = [h for h in monitor.heard if h.at >= continued_at and h.key != "channel"]

@@ -24,7 +24,7 @@ def fingerprint_of(token: str) -> str:
     return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()[:12]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AccessToken:
     """A K2 access token and when it stops working.
 
@@ -53,7 +53,7 @@ class AccessToken:
         return f"{self.token_type} {self.value}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IssuedToken:
     """A token just granted by K2.
 
@@ -70,7 +70,7 @@ class IssuedToken:
     attempts: int = 1  # requests the exchange made, the one that succeeded included
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StoredToken:
     """The decoded content of the token key."""
 
@@ -85,7 +85,7 @@ class StoredToken:
     reuse: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """A token as Redis reported it: what it is and how many ms it had left at ``seen_at``."""
 
@@ -100,7 +100,7 @@ class Snapshot:
         return self.seen_at + self.ttl_ms / 1000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Held:
     """A token this process holds, and the monotonic instants at which it changes state.
 
