@@ -8,6 +8,7 @@ accepted; threads are the process's own (``/proc/self/task``), less the fake ser
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from collections.abc import Callable
@@ -19,7 +20,7 @@ import pytest
 from k2_shared_token._core.local_copy import LocalCopy
 from k2_shared_token._core.tokens import Snapshot, StoredToken
 from k2_shared_token._core.windows import Windows
-from k2_shared_token._scheduler import WORKERS, Scheduler
+from k2_shared_token._scheduler import WORKERS, AsyncScheduler, Scheduler
 from k2_shared_token.testing.fake_k2 import FakeK2Server
 from tests.conftest import wait_until
 
@@ -228,3 +229,31 @@ def test_a_late_announcement_of_a_dropped_token_does_not_bring_it_back() -> None
     newer = replace(dead, stored=replace(dead.stored, value="n" * 40, fence=2))
     copy.adopt(newer, copy.generation)
     assert copy.held is not None and copy.held.token.value == "n" * 40
+
+
+def test_an_event_loop_runs_at_most_its_workers_background_jobs_at_once() -> None:
+    async def main() -> tuple[int, int]:
+        scheduler = AsyncScheduler.here()
+        assert AsyncScheduler.here() is scheduler
+        running, peak = [0], [0]
+        full = asyncio.Event()
+        go = asyncio.Event()
+
+        async def job() -> None:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            if running[0] == WORKERS:
+                full.set()
+            await go.wait()
+            running[0] -= 1
+
+        tasks = [scheduler.submit(job, "job") for _ in range(3 * WORKERS)]
+        await asyncio.wait_for(full.wait(), 10)
+        waiting = sum(not t.done() for t in tasks)
+        go.set()
+        await asyncio.gather(*tasks)
+        return peak[0], waiting
+
+    peak, waiting = asyncio.run(main())
+    assert peak == WORKERS
+    assert waiting == 3 * WORKERS
