@@ -57,8 +57,12 @@ __all__ = [
 def redis_client(url: str, timeout: float, *, asyncio: bool = False) -> Any:
     """A redis-py client with short timeouts, one immediate retry and a one-trip handshake.
 
-    The retry survives a connection Redis dropped (a restart, an idle timeout); more retries
-    with backoff, redis-py's default, would turn a partition into seconds of stall per call.
+    The retry survives a connection Redis dropped (a restart, an idle timeout): that error
+    comes at once, and a fresh connection usually cures it. A timeout is never retried: against
+    a partitioned Redis each attempt waits the whole timeout, and redis-py nests its retries
+    (the health-check PING a connection sends before its first command retries too), so
+    retrying timeouts would make one command cost several. More retries with backoff,
+    redis-py's default, would turn a partition into seconds of stall per call.
     RESP2 and no client-info commands: redis-py's default handshake (HELLO 3, a maintenance
     notification probe, two CLIENT SETINFO) costs four round trips per new connection, which a
     cold fleet opening hundreds of connections at once pays all together.
@@ -77,7 +81,7 @@ def redis_client(url: str, timeout: float, *, asyncio: bool = False) -> Any:
         "protocol": 2,
         **_NO_CLIENT_INFO,
     }
-    retry = (AsyncRetry if asyncio else Retry)(NoBackoff(), 1)
+    retry = (AsyncRetry if asyncio else Retry)(NoBackoff(), 1, (redis.ConnectionError,))
     client = topology_client(url, retry, options, asyncio=asyncio)
     if client is None:
         cls: Any = redis.asyncio.Redis if asyncio else redis.Redis
