@@ -205,12 +205,14 @@ def one_timeout_slack(redis_timeout: float) -> float:
     return min(0.5, 0.8 * redis_timeout)
 
 
+@pytest.mark.parametrize("local_cache", [True, False])
 @pytest.mark.parametrize("redis_timeout", [1.0, 0.25])
 def test_a_black_holed_redis_costs_the_first_call_one_timeout_and_later_calls_none(
     make_provider: Make,
     proxy: TcpProxy,
     fake_k2: FakeK2Server,
     redis_timeout: float,
+    local_cache: bool,
 ) -> None:
     """A command that meets a partition is not retried (redis-py retries timeouts by default,
     and a fresh connection's health-check PING retries on its own): one timeout, one dial, then
@@ -221,6 +223,7 @@ def test_a_black_holed_redis_costs_the_first_call_one_timeout_and_later_calls_no
         redis_timeout=redis_timeout,
         redis_cooldown=COOLDOWN,
         local_max_age=LOCAL_MAX_AGE,
+        local_cache=local_cache,
         backplane=False,
     )
     proxy.blackhole()
