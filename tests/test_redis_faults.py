@@ -20,6 +20,10 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from k2_shared_token import (
     AccessToken,
@@ -28,9 +32,11 @@ from k2_shared_token import (
     TokenEndpointUnavailableError,
 )
 from k2_shared_token._core.tokens import IssuedToken
+from k2_shared_token._redis.clients import _NO_CLIENT_INFO
 from k2_shared_token._redis.codec import decode
 from k2_shared_token.testing.fake_k2 import FakeK2Server, Fault
 from k2_shared_token.testing.redis_server import EmbeddedRedis
+from tests.both_ways import EventLoopThread
 from tests.conftest import CLIENT_SECRET
 from tests.faultkit import KeyEvents, ShiftedClock, assert_no_leak, stored_bytes, warnings_with
 from tests.netproxy import TcpProxy
@@ -287,6 +293,39 @@ def test_a_partition_during_the_exchange_costs_the_publish_one_timeout_and_nothi
     assert provider.get() != results[0]
     assert proxy.accepted == dialled, "Redis was dialled again inside the cooldown"
     assert provider.stats()["redis_error"] == 1
+
+
+@pytest.mark.parametrize("local_cache", [True, False])
+def test_a_client_passed_in_keeps_its_own_retry_policy_against_a_black_holed_redis(
+    make_provider: Make,
+    proxy: TcpProxy,
+    side: str,
+    event_loop_thread: Callable[[], EventLoopThread],
+    local_cache: bool,
+) -> None:
+    """A client the application built is not ours to change, and the README says its retries
+    apply: this one retries timeouts twice, so a partition costs it three timeouts and three
+    dials, on the pipelined read (our code) as on a script (redis-py's). Without a handshake,
+    so that the first command, not the connection's HELLO, is what meets the partition."""
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    options: dict[str, Any] = {"socket_timeout": 0.1, "protocol": 2, **_NO_CLIENT_INFO}
+    if side == "sync":
+        client: Any = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 2), **options)
+    else:
+        client = redis.asyncio.Redis.from_url(url, retry=AsyncRetry(NoBackoff(), 2), **options)
+    try:
+        provider = make_provider(
+            redis=client, local_cache=local_cache, redis_cooldown=COOLDOWN, backplane=False
+        )
+        proxy.blackhole()
+        provider.get()
+        assert proxy.accepted == 3
+        assert provider.stats()["redis_error"] == 1
+    finally:
+        if side == "sync":
+            client.close()
+        else:
+            event_loop_thread().run(client.aclose())
 
 
 def test_invalidate_at_the_start_of_an_outage_drops_the_local_copy_without_raising(
