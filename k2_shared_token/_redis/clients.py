@@ -258,10 +258,11 @@ def sentinel_client(
     """A client of the primary the sentinels call ``name``; it follows a failover by asking
     them again whenever it (re)connects.
 
-    The sentinel connections get the same short timeouts and handshake as the data ones: a
-    dead sentinel must cost a connect timeout, not a default one, before the next is asked.
+    The sentinel connections get the same short timeouts, handshake and retry as the data ones:
+    a dead or partitioned sentinel must cost one timeout, not a default one, nor redis-py's
+    default retries with backoff, before the next is asked.
     """
     family: Any = AsyncSentinel if asyncio else Sentinel
     primary = AsyncSentinelPrimary if asyncio else SentinelPrimary
-    manager = family(sentinels, sentinel_kwargs=options, **options)
+    manager = family(sentinels, sentinel_kwargs={**options, "retry": retry}, **options)
     return manager.master_for(name, redis_class=primary, db=db, retry=retry)
