@@ -3,20 +3,27 @@
 Redis goes away for real: the server is SIGKILLed, or a loopback proxy black-holes its port (TCP
 still connects, nothing answers, only a timeout ends the wait). Whether Redis was touched is read
 from counters (the provider's ``redis_error``, the proxy's accepted connections), never from
-timings. Cooldowns and cache ages are not waited out: :class:`ShiftedClock` moves the library's
-monotonic clock. Lock ownership is read from Redis itself, through keyspace notifications: a
-lock whose life ends in ``del`` was given back by its owner, one that ends in ``expired`` was not.
+timings alone: the one timing asserted is the bound the README promises (what a partition costs
+the call that meets it), and counters come with it. Cooldowns and cache ages are not waited
+out: :class:`ShiftedClock` moves the library's monotonic clock. Lock ownership is read from
+Redis itself, through keyspace notifications: a lock whose life ends in ``del`` was given back
+by its owner, one that ends in ``expired`` was not.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from k2_shared_token import (
     AccessToken,
@@ -25,9 +32,11 @@ from k2_shared_token import (
     TokenEndpointUnavailableError,
 )
 from k2_shared_token._core.tokens import IssuedToken
+from k2_shared_token._redis.clients import _NO_CLIENT_INFO
 from k2_shared_token._redis.codec import decode
 from k2_shared_token.testing.fake_k2 import FakeK2Server, Fault
 from k2_shared_token.testing.redis_server import EmbeddedRedis
+from tests.both_ways import EventLoopThread
 from tests.conftest import CLIENT_SECRET
 from tests.faultkit import KeyEvents, ShiftedClock, assert_no_leak, stored_bytes, warnings_with
 from tests.netproxy import TcpProxy
@@ -194,6 +203,129 @@ def test_a_black_holed_redis_is_timed_out_once_then_not_connected_to_until_it_he
         objects=[provider, shared],
         client=redis_client,
     )
+
+
+def one_timeout_slack(redis_timeout: float) -> float:
+    """What a loaded machine may add to a call beyond its Redis timeout and its exchange: well
+    below one more timeout, so a second one cannot hide in it."""
+    return min(0.5, 0.8 * redis_timeout)
+
+
+@pytest.mark.parametrize("local_cache", [True, False])
+@pytest.mark.parametrize("redis_timeout", [1.0, 0.25])
+def test_a_black_holed_redis_costs_the_first_call_one_timeout_and_later_calls_none(
+    make_provider: Make,
+    proxy: TcpProxy,
+    fake_k2: FakeK2Server,
+    redis_timeout: float,
+    local_cache: bool,
+) -> None:
+    """A command that meets a partition is not retried (redis-py retries timeouts by default,
+    and a fresh connection's health-check PING retries on its own): one timeout, one dial, then
+    the exchange; within the cooldown no call dials Redis again. The backplane is off: its
+    reconnections have their own backoff, off the callers' path, and would muddy the count."""
+    provider = make_provider(
+        redis=f"redis://127.0.0.1:{proxy.port}/0",
+        redis_timeout=redis_timeout,
+        redis_cooldown=COOLDOWN,
+        local_max_age=LOCAL_MAX_AGE,
+        local_cache=local_cache,
+        backplane=False,
+    )
+    proxy.blackhole()
+    started = time.monotonic()
+    first = provider.get()
+    elapsed = time.monotonic() - started
+    exchange = provider.stats()["exchange_ok_seconds"]
+    assert proxy.accepted == 1, "a timed-out command was retried on a fresh connection"
+    assert provider.stats()["redis_error"] == 1
+    assert fake_k2.token_requests == 1
+    assert redis_timeout <= elapsed < redis_timeout + exchange + one_timeout_slack(redis_timeout)
+
+    assert provider.invalidate(first) is False
+    started = time.monotonic()
+    second = provider.get()
+    elapsed = time.monotonic() - started
+    exchange = provider.stats()["exchange_ok_seconds"] - exchange
+    assert second != first
+    assert proxy.accepted == 1, "Redis was dialled again inside the cooldown"
+    assert provider.stats()["redis_error"] == 1
+    assert elapsed < exchange + one_timeout_slack(redis_timeout)
+
+
+@pytest.mark.parametrize("redis_timeout", [1.0, 0.25])
+def test_a_partition_during_the_exchange_costs_the_publish_one_timeout_and_nothing_after(
+    make_provider: Make,
+    proxy: TcpProxy,
+    fake_k2: FakeK2Server,
+    redis_timeout: float,
+) -> None:
+    """The lock was taken while Redis answered; the partition starts while K2 is asked. The
+    publish times out once, the token is kept in this process, and the flow does not go back
+    to Redis (no retried publish, no release) before it returns."""
+    provider = make_provider(
+        redis=f"redis://127.0.0.1:{proxy.port}/0",
+        redis_timeout=redis_timeout,
+        redis_cooldown=COOLDOWN,
+        local_max_age=LOCAL_MAX_AGE,
+        backplane=False,
+    )
+    fake_k2.pause_tokens()
+    results: list[AccessToken] = []
+    caller = threading.Thread(target=lambda: results.append(provider.get()))
+    caller.start()
+    try:
+        assert fake_k2.wait_for_token_requests(1)  # the lock is held: the exchange is in flight
+        proxy.blackhole()
+        dialled = proxy.accepted
+        started = time.monotonic()
+    finally:
+        fake_k2.resume_tokens()
+    caller.join(10)
+    elapsed = time.monotonic() - started
+    assert results and fake_k2.is_valid(results[0].value)
+    assert proxy.accepted == dialled, "the publish was retried on a fresh connection"
+    assert provider.stats()["redis_error"] == 1
+    assert fake_k2.token_requests == 1
+    assert redis_timeout <= elapsed < redis_timeout + one_timeout_slack(redis_timeout)
+    assert provider.get() == results[0]
+    assert provider.invalidate(results[0]) is False
+    assert provider.get() != results[0]
+    assert proxy.accepted == dialled, "Redis was dialled again inside the cooldown"
+    assert provider.stats()["redis_error"] == 1
+
+
+@pytest.mark.parametrize("local_cache", [True, False])
+def test_a_client_passed_in_keeps_its_own_retry_policy_against_a_black_holed_redis(
+    make_provider: Make,
+    proxy: TcpProxy,
+    side: str,
+    event_loop_thread: Callable[[], EventLoopThread],
+    local_cache: bool,
+) -> None:
+    """A client the application built is not ours to change, and the README says its retries
+    apply: this one retries timeouts twice, so a partition costs it three timeouts and three
+    dials, on the pipelined read (our code) as on a script (redis-py's). Without a handshake,
+    so that the first command, not the connection's HELLO, is what meets the partition."""
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    options: dict[str, Any] = {"socket_timeout": 0.1, "protocol": 2, **_NO_CLIENT_INFO}
+    if side == "sync":
+        client: Any = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 2), **options)
+    else:
+        client = redis.asyncio.Redis.from_url(url, retry=AsyncRetry(NoBackoff(), 2), **options)
+    try:
+        provider = make_provider(
+            redis=client, local_cache=local_cache, redis_cooldown=COOLDOWN, backplane=False
+        )
+        proxy.blackhole()
+        provider.get()
+        assert proxy.accepted == 3
+        assert provider.stats()["redis_error"] == 1
+    finally:
+        if side == "sync":
+            client.close()
+        else:
+            event_loop_thread().run(client.aclose())
 
 
 def test_invalidate_at_the_start_of_an_outage_drops_the_local_copy_without_raising(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -24,7 +24,9 @@ from k2_shared_token._redis.codec import digest
 from k2_shared_token._redis.urls import parse_sentinel_url
 from k2_shared_token.testing.fake_k2 import FakeK2Server
 from k2_shared_token.testing.topologies import HOST, EmbeddedSentinel
+from tests.both_ways import EventLoopThread, maker
 from tests.conftest import provider_kwargs, wait_until
+from tests.netproxy import TcpProxy
 from tests.topology_support import (
     Fleet,
     async_shares_with_sync,
@@ -98,12 +100,39 @@ def test_sentinel_clients_get_the_short_options() -> None:
         for asked in pool.sentinel_manager.sentinels:
             kwargs = asked.connection_pool.connection_kwargs
             assert (kwargs["socket_connect_timeout"], kwargs["protocol"]) == (0.25, 2)
+            assert kwargs["retry"] == options["retry"]  # never redis-py's ten with backoff
     finally:
         sync.close()
     async_client = redis_client(url, 0.25, asyncio=True)
     assert isinstance(async_client, AsyncSentinelPrimary)
     assert isinstance(async_client.connection_pool, redis.asyncio.sentinel.SentinelConnectionPool)
     asyncio.run(async_client.aclose())
+
+
+@pytest.mark.parametrize("side", ["sync", "async"])
+def test_a_black_holed_sentinel_costs_the_first_call_one_timeout_before_the_next_is_asked(
+    sentinel: EmbeddedSentinel,
+    fake_k2: FakeK2Server,
+    side: str,
+    event_loop_thread: Callable[[], EventLoopThread],
+) -> None:
+    """The first sentinel of the URL is partitioned (TCP connects, nothing answers): asking it
+    costs one ``redis_timeout`` and one dial, then the next sentinel names the primary."""
+    timeout = 0.25
+    first, *others = sentinel.sentinel_addresses
+    with TcpProxy(first[1]) as proxy:
+        proxy.blackhole()
+        listed = ",".join(f"{h}:{p}" for h, p in [(HOST, proxy.port), *others])
+        url = f"redis+sentinel://{listed}/{sentinel.master_name}/0"
+        kwargs = provider_kwargs(url, fake_k2.base_url, redis_timeout=timeout, backplane=False)
+        with maker(side, event_loop_thread)(**kwargs) as provider:
+            started = time.monotonic()
+            provider.get()
+            elapsed = time.monotonic() - started
+            exchange = provider.stats()["exchange_ok_seconds"]
+            assert provider.stats()["redis_error"] == 0
+        assert proxy.accepted == 1
+    assert timeout <= elapsed < timeout + exchange + 0.8 * timeout  # no second timeout
 
 
 def test_closing_the_provider_closes_its_sentinel_connections(

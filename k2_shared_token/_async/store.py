@@ -52,23 +52,26 @@ class AsyncPipelinedRead:
         return cls(pool, keys)
 
     async def read(self) -> tuple[Any, Any, Any]:
-        for attempt in (1, 2):  # one retry on a fresh connection, as the client's Retry does
-            conn = await self._pool.get_connection()
-            try:
-                if self._packed is None:
-                    self._packed = conn.pack_commands(self._commands)
-                await conn.send_packed_command(self._packed)
-                return await self._reply(conn), await self._reply(conn), await self._reply(conn)
-            except (redis.ConnectionError, redis.TimeoutError):
-                await conn.disconnect()
-                if attempt == 2:
-                    raise
-            except BaseException:
-                await conn.disconnect()  # replies may be left unread: never reuse this one
-                raise
-            finally:
-                await self._pool.release(conn)
-        raise AssertionError("unreachable")  # pragma: no cover
+        """Retried as the client retries its own commands (the connection's ``Retry``): ours
+        retries a dropped connection once and never a timeout; a client passed in keeps its
+        policy."""
+        conn = await self._pool.get_connection()
+        try:
+            replies: tuple[Any, Any, Any] = await conn.retry.call_with_retry(
+                lambda: self._send(conn), lambda _: conn.disconnect()
+            )
+            return replies
+        except BaseException:
+            await conn.disconnect()  # replies may be left unread: never reuse this one
+            raise
+        finally:
+            await self._pool.release(conn)
+
+    async def _send(self, conn: Any) -> tuple[Any, Any, Any]:
+        if self._packed is None:
+            self._packed = conn.pack_commands(self._commands)
+        await conn.send_packed_command(self._packed)
+        return await self._reply(conn), await self._reply(conn), await self._reply(conn)
 
     @staticmethod
     async def _reply(conn: Any) -> Any:

@@ -57,8 +57,12 @@ __all__ = [
 def redis_client(url: str, timeout: float, *, asyncio: bool = False) -> Any:
     """A redis-py client with short timeouts, one immediate retry and a one-trip handshake.
 
-    The retry survives a connection Redis dropped (a restart, an idle timeout); more retries
-    with backoff, redis-py's default, would turn a partition into seconds of stall per call.
+    The retry survives a connection Redis dropped (a restart, an idle timeout): that error
+    comes at once, and a fresh connection usually cures it. A timeout is never retried: against
+    a partitioned Redis each attempt waits the whole timeout, and redis-py nests its retries
+    (the health-check PING a connection sends before its first command retries too), so
+    retrying timeouts would make one command cost several. More retries with backoff,
+    redis-py's default, would turn a partition into seconds of stall per call.
     RESP2 and no client-info commands: redis-py's default handshake (HELLO 3, a maintenance
     notification probe, two CLIENT SETINFO) costs four round trips per new connection, which a
     cold fleet opening hundreds of connections at once pays all together.
@@ -77,7 +81,7 @@ def redis_client(url: str, timeout: float, *, asyncio: bool = False) -> Any:
         "protocol": 2,
         **_NO_CLIENT_INFO,
     }
-    retry = (AsyncRetry if asyncio else Retry)(NoBackoff(), 1)
+    retry = (AsyncRetry if asyncio else Retry)(NoBackoff(), 1, (redis.ConnectionError,))
     client = topology_client(url, retry, options, asyncio=asyncio)
     if client is None:
         cls: Any = redis.asyncio.Redis if asyncio else redis.Redis
@@ -254,10 +258,11 @@ def sentinel_client(
     """A client of the primary the sentinels call ``name``; it follows a failover by asking
     them again whenever it (re)connects.
 
-    The sentinel connections get the same short timeouts and handshake as the data ones: a
-    dead sentinel must cost a connect timeout, not a default one, before the next is asked.
+    The sentinel connections get the same short timeouts, handshake and retry as the data ones:
+    a dead or partitioned sentinel must cost one timeout, not a default one, nor redis-py's
+    default retries with backoff, before the next is asked.
     """
     family: Any = AsyncSentinel if asyncio else Sentinel
     primary = AsyncSentinelPrimary if asyncio else SentinelPrimary
-    manager = family(sentinels, sentinel_kwargs=options, **options)
+    manager = family(sentinels, sentinel_kwargs={**options, "retry": retry}, **options)
     return manager.master_for(name, redis_class=primary, db=db, retry=retry)

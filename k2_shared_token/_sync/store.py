@@ -52,23 +52,26 @@ class PipelinedRead:
         return cls(pool, keys)
 
     def read(self) -> tuple[Any, Any, Any]:
-        for attempt in (1, 2):  # one retry on a fresh connection, as the client's Retry does
-            conn = self._pool.get_connection()
-            try:
-                if self._packed is None:
-                    self._packed = conn.pack_commands(self._commands)
-                conn.send_packed_command(self._packed)
-                return self._reply(conn), self._reply(conn), self._reply(conn)
-            except (redis.ConnectionError, redis.TimeoutError):
-                conn.disconnect()
-                if attempt == 2:
-                    raise
-            except BaseException:
-                conn.disconnect()  # replies may be left unread: never reuse this one
-                raise
-            finally:
-                self._pool.release(conn)
-        raise AssertionError("unreachable")  # pragma: no cover
+        """Retried as the client retries its own commands (the connection's ``Retry``): ours
+        retries a dropped connection once and never a timeout; a client passed in keeps its
+        policy."""
+        conn = self._pool.get_connection()
+        try:
+            replies: tuple[Any, Any, Any] = conn.retry.call_with_retry(
+                lambda: self._send(conn), lambda _: conn.disconnect()
+            )
+            return replies
+        except BaseException:
+            conn.disconnect()  # replies may be left unread: never reuse this one
+            raise
+        finally:
+            self._pool.release(conn)
+
+    def _send(self, conn: Any) -> tuple[Any, Any, Any]:
+        if self._packed is None:
+            self._packed = conn.pack_commands(self._commands)
+        conn.send_packed_command(self._packed)
+        return self._reply(conn), self._reply(conn), self._reply(conn)
 
     @staticmethod
     def _reply(conn: Any) -> Any:
