@@ -256,6 +256,18 @@ def test_a_negative_fence_does_not_make_the_published_token_unreadable(
     )
 
 
+@pytest.mark.parametrize("fence", [2**53, 2**63 - 2])
+def test_a_fence_beyond_what_lua_counts_exactly_does_not_refuse_every_publish(
+    fresh_db: redis.Redis, provider: SharedTokenProvider, fence: int
+) -> None:
+    """Lua's numbers are doubles: INCRed past 2^53 the fence the script hands out no longer
+    equals the one stored, and the publish's check ("a newer lock holder exists") refuses
+    every write. Found by the fuzz test above."""
+    fresh_db.set(provider.keys.fence, fence)
+    token = provider.get_token()
+    assert readable(maybe_bytes(fresh_db, provider.keys.token)) == token
+
+
 def test_a_foreign_holdoff_without_expiry_does_not_block_the_namespace_for_good(
     fresh_db: redis.Redis, provider: SharedTokenProvider, shared_k2: FakeK2Server
 ) -> None:

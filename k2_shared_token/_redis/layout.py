@@ -115,7 +115,9 @@ end
 if redis.call('PTTL', KEYS[2]) == -1 then redis.call('DEL', KEYS[2]) end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local fence = redis.pcall('INCR', KEYS[3])
-  if type(fence) ~= 'number' or fence < 1 then
+  -- Lua counts in doubles: past 2^53 the fence would no longer compare equal to itself as
+  -- written back. Only a foreign value gets there; start again.
+  if type(fence) ~= 'number' or fence < 1 or fence > 9007199254740991 then
     redis.call('SET', KEYS[3], 1)
     fence = 1
   end
