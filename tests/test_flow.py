@@ -29,6 +29,7 @@ from k2_shared_token._core.flow import (
     Exchange,
     IssuedToken,
     LockAttempt,
+    LockGuard,
     Pause,
     Publish,
     Release,
@@ -778,3 +779,22 @@ def test_an_expired_token_handed_back_twice_gives_the_lock_back_and_raises() -> 
         drive(obtain(WINDOWS, None, 1020.0, Clock()), script)
     release = script.seen[-1]
     assert isinstance(release, Release) and release.error_code == ""
+
+
+def test_an_interruption_after_a_failed_publish_does_not_go_back_to_redis() -> None:
+    """The guard settles what a flow holds when it is interrupted; a Publish or Release that
+    Redis just failed is not tried again then (the lease frees the lock)."""
+    lock = LockAttempt(acquired=True, skipped=False, fence=3, lock_ttl_ms=0, snapshot=None,
+                       owner="me")  # fmt: skip
+    issued = IssuedToken("t" * 40, "Bearer", 3600, 0.0, 0.0, 0.1)
+    for settle in (Publish(lock, issued), Release(lock)):
+        guard = LockGuard()
+        guard.saw(TryLock(min_ttl_ms=0), lock)
+        guard.saw(Exchange(), issued)
+        assert guard.pending() == Publish(lock, issued)
+        guard.failed(settle)
+        assert guard.pending() is None
+    guard = LockGuard()
+    guard.saw(TryLock(min_ttl_ms=0), lock)
+    guard.failed(Exchange())  # the flow releases the lock itself: still held until then
+    assert guard.pending() == Release(lock)

@@ -321,6 +321,7 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
                 result, error = await self._do(effect), None
             except K2TokenError as exc:
                 result, error = None, exc
+                guard.failed(effect)
             except BaseException as exc:
                 steps.close()
                 await self._settle(guard.pending(), exc)

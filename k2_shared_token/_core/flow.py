@@ -499,6 +499,13 @@ class LockGuard:
             case Publish() | Release():
                 self._lock = self._issued = None
 
+    def failed(self, effect: Effect[Any]) -> None:
+        """``effect`` raised an error the flow is told about. A Publish or Release that failed
+        is not tried again if an interruption follows: Redis just failed in this call, and the
+        lease frees the lock."""
+        if isinstance(effect, (Publish, Release)):
+            self._lock = self._issued = None
+
     def pending(self) -> Effect[Any] | None:
         if self._lock is None:
             return None

@@ -322,6 +322,7 @@ class SharedTokenProvider(ProviderExtras):
                 result, error = self._do(effect), None
             except K2TokenError as exc:
                 result, error = None, exc
+                guard.failed(effect)
             except BaseException as exc:
                 steps.close()
                 self._settle(guard.pending(), exc)
