@@ -93,6 +93,7 @@ from benchmarks.common import (
     Verdict,
     command_stats,
     fmt_us,
+    load_average,
     md_table,
     spawned,
     stats_delta,
@@ -789,11 +790,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    load_at_start = load_average()
     result = run(RunConfig(quick=args.quick, out_dir=RESULTS_DIR), args.tenants)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     shown = " ".join(["python -m benchmarks.tenants", *(argv or sys.argv[1:])])
     provenance = (
-        f"Written {stamp} by `{shown}` (this section alone); machine: [README.md](README.md)."
+        f"Written {stamp} by `{shown}` (this section alone); machine: [README.md](README.md); "
+        f"load average 1/5/15 min at start {load_at_start}, at end {load_average()} (the "
+        "machine is shared: other processes' CPU shows up in every figure here)."
     )
     (RESULTS_DIR / "tenants.md").write_text(result.document(provenance))
     print(result.markdown)
