@@ -598,7 +598,7 @@ def _measure(
         f.due_s = elapsed if done else None
         f.refreshed = refreshed()
         f.due_exchanges = k2.get("exchanges")
-        f.peak = k2.get("peak_token_requests")
+        f.peak = k2.get("peak_in_flight")
         f.k2_threads_peak = k2.threads()
     sample("after the due-together refresh")
     f.changed = sum(p.get_token() != old for p, old in zip(providers, tokens, strict=True))
