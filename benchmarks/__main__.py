@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [hot] [stampede] [rollover] [scaling] [namespaces]``.
+"""``python -m benchmarks [--quick] [hot] [stampede] [rollover] [scaling] [namespaces] [tenants]``.
 
 Runs the selected sections (all by default) one after another, each on its own embedded
 redis-server and fake K2 server, prints their markdown tables and verdicts, and writes one .md
@@ -26,6 +26,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "rollover": ("rollover", "rollover.md"),
     "scaling": ("scaling", "scaling.md"),
     "namespaces": ("namespaces", "namespaces.md"),
+    "tenants": ("tenants", "tenants.md"),
 }
 
 

@@ -643,6 +643,34 @@ def test_sixty_four_simultaneous_requests_are_all_held_then_served(
     assert server.exchanges == 64
 
 
+def test_peak_in_flight_counts_the_most_served_at_once(server: FakeK2Server) -> None:
+    """The tenants benchmark reads this to check the bound on concurrent exchanges: held at the
+    gate, three requests are in flight together; served one after another, only one is; a
+    reset starts the peak again from what is still in flight."""
+    assert server.peak_in_flight == 0
+    post_token(server)
+    post_token(server)
+    assert server.peak_in_flight == 1
+    server.pause_tokens()
+    workers = [threading.Thread(target=post_token, args=(server,)) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    try:
+        assert server.wait_for_token_requests(5, timeout=TIMEOUT)
+        assert server.peak_in_flight == 3
+        server.reset_counters()
+        assert server.peak_in_flight == 3  # the three held requests are still in flight
+    finally:
+        server.resume_tokens()
+    for worker in workers:
+        worker.join(TIMEOUT)
+    assert server.exchanges == 3
+    server.reset_counters()
+    assert server.peak_in_flight == 0
+    post_token(server)
+    assert server.peak_in_flight == 1
+
+
 def test_stop_does_not_wait_for_idle_keep_alive_clients(server: FakeK2Server) -> None:
     with requests.Session() as session:
         reply = session.post(f"{server.base_url}/oauth/token", data=GOOD, timeout=TIMEOUT)
