@@ -131,6 +131,7 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
         )
         self._local.kick = self._refresher.kick
         self._backplane: AsyncBackplane | None = None
+        self._kept: Any = None  # the cold path's wait subscription, for the backplane
         self._closed = False
         _concurrency.reset_in_children(self)
 
@@ -168,7 +169,10 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
     async def _get_slow(self) -> AccessToken:
         self._check_open()
         s = self.settings
-        if self._backplane is None and s.backplane:
+        # Cold (nothing held): joined after the flow. During an outage: once Redis answers
+        # again, so a partitioned port is not dialled inside the breaker's cooldown.
+        cold = self._local.held is None and s.local_cache
+        if self._backplane is None and s.backplane and not cold and not self._gate.is_open:
             self._join_backplane()
         seen: Snapshot | None = None
         if not s.local_cache:
@@ -215,7 +219,10 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
             local=self._local_failures,
             shared=self._gate.allowed(),
         )
-        snap, missed = await self._drive(obtain, caller=True)
+        try:
+            snap, missed = await self._drive(obtain, caller=True)
+        finally:
+            await self._join_after_obtaining()
         if not missed:
             self._metrics.record(metrics.SHARED_HIT)
         return self._local.adopt(snap, generation)
@@ -257,13 +264,34 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
 
     # -- the fleet backplane -----------------------------------------------------------------
 
-    def _join_backplane(self) -> None:
+    def _join_backplane(self, subscription: Any = None) -> bool:
         """Listen to the namespace's announcements (on first use: the asyncio side needs its
-        running loop)."""
+        running loop); True if it listens on ``subscription`` (a wait's, still open)."""
         backplane = backplane_for(self._store.client)
-        if backplane is not None:
-            self._backplane = backplane
-            backplane.join(self.keys.channel, id(self), self._announced, self._local.recheck_now)
+        if backplane is None:
+            return False
+        self._backplane = backplane
+        channel, recheck = self.keys.channel, self._local.recheck_now
+        return backplane.join(channel, id(self), self._announced, recheck, subscription)
+
+    def _keep_subscription(self, pubsub: Any) -> bool:
+        """Offered by a wait that ends subscribed: a cold process keeps it for its backplane,
+        which then listens without a connection and a SUBSCRIBE of its own in the stampede."""
+        if self._backplane is not None or not self.settings.backplane or self._kept is not None:
+            return False
+        self._kept = pubsub
+        return True
+
+    async def _join_after_obtaining(self) -> None:
+        """The cold path joins the backplane once its flow is done, with the subscription
+        its wait kept, if any (a process that exchanged or found the token subscribes anew)."""
+        kept, self._kept = self._kept, None
+        taken = False
+        joining = self.settings.backplane and not self._closed and not self._gate.is_open
+        if self._backplane is None and joining:
+            taken = self._join_backplane(kept)
+        if kept is not None and not taken:
+            await self._store.close_subscription(kept)
 
     def _announced(self, raw: bytes) -> None:
         """A token was written, invalidated or revoked somewhere in the fleet."""
@@ -347,7 +375,10 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
             case flow.Exchange():
                 return await self._exchange.fetch()
             case flow.TryLock(min_ttl_ms=min_ttl_ms):
-                return await self._redis(store.try_lock, min_ttl_ms)
+                lock = await self._redis(store.try_lock, min_ttl_ms)
+                if lock.acquired and self._backplane is None and self.settings.backplane:
+                    self._join_backplane()  # a cold holder: it subscribes while it exchanges
+                return lock
             case flow.Publish(lock=lock, issued=issued, reuse=reuse, keep=keep):
                 return await self._redis(store.publish, lock, issued, reuse, keep)
             case flow.Pause(seconds=seconds):
@@ -355,7 +386,8 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
             case flow.Release(lock=lock, error_code=code, holdoff_ms=ms, credentials=creds):
                 return await self._redis(store.release, lock, code, ms, creds)
             case flow.Wait(timeout=timeout, min_ttl_ms=min_ttl_ms, replacing=replacing):
-                return await self._redis(store.wait, timeout, min_ttl_ms, replacing)
+                offer = self._keep_subscription
+                return await self._redis(store.wait, timeout, min_ttl_ms, replacing, offer)
         raise TypeError(f"unknown effect {effect!r}")  # pragma: no cover
 
     async def _redis(self, method: Any, *args: Any) -> Any:
