@@ -284,7 +284,10 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
 
     async def _join_after_obtaining(self) -> None:
         """The cold path joins the backplane once its flow is done, with the subscription
-        its wait kept, if any (a process that exchanged or found the token subscribes anew)."""
+        its wait kept, if any. A process that exchanged or found the token subscribes anew,
+        after its flow: subscribing while it exchanged would take the lock attempt's idle
+        connection, and its publish would then wait for a new one. Its copy is re-checked
+        once subscribed (an announcement may have come before)."""
         kept, self._kept = self._kept, None
         taken = False
         joining = self.settings.backplane and not self._closed and not self._gate.is_open
@@ -375,10 +378,7 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
             case flow.Exchange():
                 return await self._exchange.fetch()
             case flow.TryLock(min_ttl_ms=min_ttl_ms):
-                lock = await self._redis(store.try_lock, min_ttl_ms)
-                if lock.acquired and self._backplane is None and self.settings.backplane:
-                    self._join_backplane()  # a cold holder: it subscribes while it exchanges
-                return lock
+                return await self._redis(store.try_lock, min_ttl_ms)
             case flow.Publish(lock=lock, issued=issued, reuse=reuse, keep=keep):
                 return await self._redis(store.publish, lock, issued, reuse, keep)
             case flow.Pause(seconds=seconds):
