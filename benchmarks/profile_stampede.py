@@ -22,7 +22,8 @@ the hand-off to the other threads.
 
 Wrapping costs a few microseconds per event, against phases of milliseconds. Each worker also
 reports the CPU time its process used during the round, so the fleet's CPU demand can be set
-against what 2 cores supply. Writes ``results/stampede_profile.md``.
+against what 2 cores supply. Writes ``results/stampede_profile_data.md``; what it shows is
+discussed in ``results/stampede_profile.md``.
 """
 
 from __future__ import annotations
