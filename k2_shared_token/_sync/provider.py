@@ -574,6 +574,7 @@ class SharedTokenProvider(ProviderExtras):
         self._metrics.reset_after_fork()
         self._flight = Flight()
         self._backplane = None
+        self._kept = None  # a parent's wait subscription: its socket is the parent's
         self._refresher = self._refresher.after_fork()
         self._local.kick = self._refresher.kick
         # The child inherits no subscription: its next call re-reads the copy (off the callers'
