@@ -121,9 +121,10 @@ def write_index(
     if (out_dir / "stampede_profile.md").exists():
         lines += [
             "",
-            "Supplementary, written separately by `python -m benchmarks.profile_stampede` (see "
-            "its own date and load): [stampede_profile.md](stampede_profile.md), where the "
-            "library's time goes in one instrumented cold stampede.",
+            "Supplementary: [stampede_profile.md](stampede_profile.md), where the library's "
+            "time goes in a cold stampede (findings), from instrumented rounds written "
+            "separately by `python -m benchmarks.profile_stampede` (see their own date and "
+            "load): [stampede_profile_data.md](stampede_profile_data.md).",
         ]
     lines += ["", "## Verdicts", ""]
     lines += [f"- {line}" for r in results for line in r.verdict_lines()]

@@ -1,4 +1,4 @@
-"""The five ways to get a shared token that the stampede section compares, behind one interface.
+"""The ways to get a shared token that the stampede section compares, behind one interface.
 
 Each contender is built before the start barrier (so construction is never timed) and then
 asked for a token by every thread of its process. The four baselines exchange with the same
@@ -6,11 +6,16 @@ fake K2 server the library uses, with a plain form POST, and keep their keys in 
 namespace, so nothing but the coordination strategy differs.
 
 - ``library``: :class:`SharedTokenProvider` with its defaults (``lock_lease=15``);
+- ``library (user client)``: the same, given the ``redis.Redis.from_url(url)`` a user would
+  pass (redis-py's defaults, its handshake included) instead of a URL;
 - ``naive``: every process fetches its own token (what K2's SDKs leave users to do); the threads
   of a process share it through a ``threading.Lock``;
 - ``redis-py Lock``: double-checked read around ``redis.Redis.lock`` (polls every 0.1 s);
 - ``python-redis-lock``: the same pattern around ``redis_lock.Lock`` (BLPOP wake-ups);
-- ``dogpile.cache``: ``region.get_or_create`` on the redis backend with ``distributed_lock``.
+- ``dogpile.cache``: ``region.get_or_create`` on the redis backend with ``distributed_lock``;
+- ``warm GET``: not a contender but the floor: the cache is already warm and every thread does
+  one plain redis-py ``GET`` on a default client, connection set-up included, as the cold
+  library's processes must set theirs up too.
 """
 
 from __future__ import annotations
@@ -78,6 +83,54 @@ class Library:
 
     def close(self) -> None:
         self._provider.close()
+
+
+class LibraryUserClient:
+    """The library given a client built the way a user builds one: redis-py's defaults."""
+
+    def __init__(self, target: Target) -> None:
+        self._redis = redis.Redis.from_url(target.redis_url)
+        self._provider = SharedTokenProvider(
+            client_id=DEFAULT_CLIENT_ID,
+            client_secret=DEFAULT_CLIENT_SECRET,
+            base_url=target.base_url,
+            redis=self._redis,
+            key_prefix=target.prefix,
+            lock_lease=LOCK_LEASE,
+        )
+
+    def get_token(self) -> str:
+        return self._provider.get_token()
+
+    def close(self) -> None:
+        self._provider.close()
+        self._redis.close()
+
+
+def warm_key(target: Target) -> str:
+    """The key the warm-GET baseline reads; the coordinator writes it before the round."""
+    return f"{target.prefix}:token"
+
+
+class WarmGet:
+    """The floor: one plain GET per thread of a key already there, on a default client.
+
+    Built like a user's client (nothing connected before the start), so each process pays its
+    connection set-up inside the measurement, as a cold library process does.
+    """
+
+    def __init__(self, target: Target) -> None:
+        self._redis = redis.Redis.from_url(target.redis_url)
+        self._key = warm_key(target)
+
+    def get_token(self) -> str:
+        value: Any = self._redis.get(self._key)
+        if value is None:
+            raise LookupError("the warm key is missing")
+        return str(value.decode())
+
+    def close(self) -> None:
+        self._redis.close()
 
 
 class Naive:
@@ -185,13 +238,19 @@ class Dogpile:
             client.close()
 
 
-CONTENDERS: dict[str, type[Library | Naive | RedisPyLock | PythonRedisLock | Dogpile]] = {
+CONTENDERS: dict[
+    str,
+    type[Library | LibraryUserClient | Naive | RedisPyLock | PythonRedisLock | Dogpile | WarmGet],
+] = {
     "library": Library,
+    "library (user client)": LibraryUserClient,
     "naive": Naive,
     "redis-py Lock": RedisPyLock,
     "python-redis-lock": PythonRedisLock,
     "dogpile.cache": Dogpile,
+    "warm GET": WarmGet,
 }
+BASELINE = "warm GET"  # the floor: no exchange, measured in the same run
 
 
 def build(name: str, target: Target) -> Contender:

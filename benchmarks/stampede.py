@@ -16,6 +16,11 @@ Measured per round, on the one clock all processes share on Linux (``time.monoto
   fake server's ``issued_at``): how long a token existed before the last caller had it;
 - release spread: first to last thread actually starting (harness and scheduler, not contender).
 
+The floor, measured in the same run and through the same harness: ``warm GET``, the same fleet
+on a cache the coordinator filled just before the start, each thread doing one plain redis-py
+GET on a default client (connection set-up included). A cold stampede cannot beat the exchange
+plus that; the library's lag after the exchange is reported against it, per P.
+
 Start: a multiprocessing Barrier gates every thread (all contenders built, all threads ready);
 its wake-up is serial (each party re-takes one shared lock) and the first threads out start
 working while the rest are still being woken. Instead the coordinator passes a start instant
@@ -38,6 +43,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+
 from benchmarks.common import (
     CTX,
     RunConfig,
@@ -52,7 +59,7 @@ from benchmarks.common import (
     unique_prefix,
     wait_for_start,
 )
-from benchmarks.contenders import CONTENDERS, Contender, Target, build
+from benchmarks.contenders import BASELINE, CONTENDERS, Contender, Target, build, warm_key
 from k2_shared_token.testing.fake_k2 import FakeK2Server
 from k2_shared_token.testing.redis_server import EmbeddedRedis
 
@@ -67,6 +74,12 @@ IDLE_TIMEOUT = 900.0  # a worker waiting for its first round; the coordinator ab
 READY_TIMEOUT = 60.0  # coordinator: workers build their clients in well under this
 WAKE_TARGET = 0.015  # s: the issue's target for the last thread after the exchange, at 32 x 4
 WAKE_TARGET_P = 32
+FLOOR_SLACK = 0.010  # s: the issue's allowance over exchange latency + the warm-GET stampede
+FLOOR_P = (16, 32)  # where that target applies
+NAIVE_P = 4  # up to which P the library must stay within one Redis round trip of naive
+LIBRARIES = ("library", "library (user client)")
+WARM_VALUE = "warm-token"  # what the warm-GET baseline reads
+RTT_SAMPLES = 200  # PINGs on one open connection: the run's Redis round trip
 
 
 @dataclass(frozen=True)
@@ -184,22 +197,37 @@ def _one_round(
     return ProcessReport(spec.index, index, calls, errors, sorted(digests))
 
 
-def _plan(processes: tuple[int, ...], reps: int) -> list[RoundSpec]:
+def _plan(processes: tuple[int, ...], reps: int, contenders: tuple[str, ...]) -> list[RoundSpec]:
     plan: list[RoundSpec] = []
     for p in processes:
         for rep in range(reps):
-            for name in CONTENDERS:
+            for name in contenders:
                 label = f"st{len(plan)}"
                 plan.append(RoundSpec(len(plan), p, name, rep, unique_prefix(label)))
     return plan
 
 
 def _run_round(
-    spec: RoundSpec, barrier: Any, go: Any, results: Any, k2: FakeK2Server, alive: Any
+    spec: RoundSpec,
+    barrier: Any,
+    go: Any,
+    results: Any,
+    k2: FakeK2Server,
+    alive: Any,
+    redis_url: str,
 ) -> RoundResult:
     issued_before = len(k2.issued)
     exchanges_before = k2.exchanges
-    start_round(barrier, go, spec.processes * THREADS, READY_TIMEOUT)
+    prepare = None
+    if spec.contender == BASELINE:
+
+        def prepare() -> None:
+            # After every worker built its client (none connected yet): the cache is warm
+            # when the start instant comes, and the coordinator's connection is not theirs.
+            with redis.Redis.from_url(redis_url) as warm:
+                warm.set(warm_key(Target(redis_url, "", spec.prefix)), WARM_VALUE, ex=300)
+
+    start_round(barrier, go, spec.processes * THREADS, READY_TIMEOUT, prepare)
     reports: list[ProcessReport] = collect(results, spec.processes, ROUND_TIMEOUT, alive)
     exchanges = k2.exchanges - exchanges_before
     issued = k2.issued[issued_before:]
@@ -207,6 +235,8 @@ def _run_round(
     errors = [e for r in reports for e in r.errors]
     digests = {d for r in reports for d in r.digests}
     issued_digests = {_digest(rec.token) for rec in issued}
+    if spec.contender == BASELINE:
+        issued_digests = {_digest(WARM_VALUE)}
     released = [c[0] for c in calls]
     done = [c[1] for c in calls]
     first_exchange = min((rec.issued_at for rec in issued), default=float("nan"))
@@ -226,13 +256,32 @@ def _run_round(
     )
 
 
-def run(config: RunConfig) -> SectionResult:
-    processes = PROCESSES_QUICK if config.quick else PROCESSES_FULL
-    reps = REPS_QUICK if config.quick else REPS_FULL
-    plan = _plan(processes, reps)
+def _round_trip(redis_url: str) -> float:
+    """Median PING on one open loopback connection: what "one Redis round trip" is here."""
+    with redis.Redis.from_url(redis_url) as client:
+        client.ping()
+        samples = []
+        for _ in range(RTT_SAMPLES):
+            began = time.perf_counter()
+            client.ping()
+            samples.append(time.perf_counter() - began)
+    return statistics.median(samples)
+
+
+def run(
+    config: RunConfig,
+    processes: tuple[int, ...] | None = None,
+    contenders: tuple[str, ...] = tuple(CONTENDERS),
+    reps: int | None = None,
+) -> SectionResult:
+    """The section; ``processes``, ``contenders`` and ``reps`` narrow it for a quick look."""
+    processes = processes or (PROCESSES_QUICK if config.quick else PROCESSES_FULL)
+    reps = reps or (REPS_QUICK if config.quick else REPS_FULL)
+    plan = _plan(processes, reps, contenders)
     pool_size = max(processes)
     rounds: list[RoundResult] = []
     with EmbeddedRedis() as redis_server, FakeK2Server(latency=LATENCY) as k2:
+        rtt = _round_trip(redis_server.url)
         barriers = {p: CTX.Barrier(p * THREADS + 1) for p in processes}
         startup = CTX.Barrier(pool_size + 1)
         results = CTX.Queue()
@@ -251,29 +300,38 @@ def run(config: RunConfig) -> SectionResult:
                 # competes with the small rounds.
                 startup.wait(300)
                 for spec in plan:
-                    result = _run_round(spec, barriers[spec.processes], go, results, k2, alive)
+                    result = _run_round(
+                        spec, barriers[spec.processes], go, results, k2, alive, redis_server.url
+                    )
                     rounds.append(result)
                     if result.missing_reports:
                         raise RuntimeError(f"round {spec} lost {result.missing_reports} workers")
             finally:
                 for barrier in (startup, *barriers.values()):
                     barrier.abort()
-    return _report(rounds, processes, reps, config)
+    return _report(rounds, processes, reps, config, contenders, rtt)
 
 
 def _report(
-    rounds: list[RoundResult], processes: tuple[int, ...], reps: int, config: RunConfig
+    rounds: list[RoundResult],
+    processes: tuple[int, ...],
+    reps: int,
+    config: RunConfig,
+    contenders: tuple[str, ...],
+    rtt: float,
 ) -> SectionResult:
     cells: dict[tuple[int, str], _Cell] = defaultdict(_Cell)
     for r in rounds:
         cells[(r.spec.processes, r.spec.contender)].rounds.append(r)
     rows = []
     for p in processes:
-        for name in CONTENDERS:
+        floor = _median(r.until_all for r in cells[(p, BASELINE)].rounds)
+        for name in contenders:
             cell = cells[(p, name)].rounds
             if not cell:
                 continue
             lat = sorted(x for r in cell for x in r.latencies)
+            lag = _median(r.wake_lag for r in cell)
             rows.append(
                 (
                     p,
@@ -281,7 +339,8 @@ def _report(
                     name,
                     "/".join(str(r.exchanges) for r in cell),
                     fmt_ms(_median(r.until_all for r in cell)),
-                    fmt_ms(_median(r.wake_lag for r in cell)),
+                    fmt_ms(lag),
+                    fmt_ms(lag - floor),
                     fmt_ms(percentile(lat, 0.50)),
                     fmt_ms(percentile(lat, 0.99)),
                     fmt_ms(percentile(lat, 1.0)),
@@ -298,6 +357,7 @@ def _report(
             "exchanges (per rep)",
             "all hold a token (ms)",
             "after exchange (ms)",
+            "after exchange - warm GET (ms)",
             "p50 (ms)",
             "p99 (ms)",
             "max (ms)",
@@ -306,10 +366,10 @@ def _report(
             "errors",
         ),
         rows,
-        align="rrlrrrrrrrrr",
+        align="rrlrrrrrrrrrr",
     )
-    verdicts = _verdicts(cells, processes)
-    files = _plot(cells, processes, config)
+    verdicts = _verdicts(cells, processes, contenders, rtt)
+    files = _plot(cells, processes, config, contenders)
     body = (
         f"P processes x {THREADS} threads released together by a multiprocessing Barrier "
         "(spawn; two phases: all ready, then a common start instant) on an empty cache; "
@@ -319,10 +379,18 @@ def _report(
         "- *all hold a token*: first thread released until the last thread holds a token;\n"
         "- *after exchange*: last thread holds a token minus the completion of the round's "
         "first exchange (fake server `issued_at`); the wait a token already existed for;\n"
+        "- *after exchange - warm GET*: that lag minus the warm-GET floor's *all hold a token* "
+        "at the same P (the floor: the same fleet, cache already warm, one plain redis-py GET "
+        "per thread on a default client, connection set-up included); at or below zero, the "
+        "token reached the fleet as fast as a warm read would have;\n"
+        "- *library (user client)*: the library given `redis.Redis.from_url(url)` with "
+        "redis-py's defaults, as a user would pass it, instead of a URL;\n"
         "- *release spread*: first to last thread actually starting; all sleep until one "
         "common instant handed out through the barrier, so this is the scheduler's spread "
         "(harness, not contender);\n"
         "- *errors*: exceptions plus tokens that the fake server did not issue in that round.\n\n"
+        f"One Redis round trip in this run (median PING on an open loopback connection): "
+        f"{rtt * 1e6:.0f} µs.\n\n"
         f"{table}\n\n![stampede](stampede.png)\n"
     )
     return SectionResult("stampede", "Cold stampede", body, verdicts, files)
@@ -333,7 +401,26 @@ def _median(values: Any) -> float:
     return statistics.median(vals) if vals else float("nan")
 
 
-def _verdicts(cells: dict[tuple[int, str], _Cell], processes: tuple[int, ...]) -> list[Verdict]:
+def _verdicts(
+    cells: dict[tuple[int, str], _Cell],
+    processes: tuple[int, ...],
+    contenders: tuple[str, ...],
+    rtt: float,
+) -> list[Verdict]:
+    out: list[Verdict] = []
+    if "library" in contenders:
+        out.extend(_library_verdicts(cells, processes))
+    for name in LIBRARIES:
+        if name in contenders and BASELINE in contenders:
+            out.append(_floor_verdict(cells, processes, name))
+        if name in contenders:
+            out.append(_alternatives_verdict(cells, processes, name, rtt, contenders))
+    return out
+
+
+def _library_verdicts(
+    cells: dict[tuple[int, str], _Cell], processes: tuple[int, ...]
+) -> list[Verdict]:
     lib = {p: cells[(p, "library")].rounds for p in processes}
     worst_exchanges = max(r.exchanges for p in processes for r in lib[p])
     errors = sum(len(r.errors) + r.foreign_tokens for p in processes for r in lib[p])
@@ -367,15 +454,81 @@ def _verdicts(cells: dict[tuple[int, str], _Cell], processes: tuple[int, ...]) -
     return [one, lag, fastest]
 
 
+def _floor_verdict(
+    cells: dict[tuple[int, str], _Cell], processes: tuple[int, ...], name: str
+) -> Verdict:
+    """The issue's floor: exchange latency + the warm-GET stampede + FLOOR_SLACK, per P."""
+    figures = []
+    met = True
+    targets = [p for p in FLOOR_P if p in processes] or [max(processes)]
+    for p in targets:
+        mine = _median(r.until_all for r in cells[(p, name)].rounds)
+        floor = _median(r.until_all for r in cells[(p, BASELINE)].rounds)
+        bound = LATENCY + floor + FLOOR_SLACK
+        met = met and mine <= bound
+        reps = "/".join(fmt_ms(r.until_all) for r in cells[(p, name)].rounds)
+        figures.append(
+            f"P={p}: {mine * 1e3:.1f} ms (reps {reps}) vs {bound * 1e3:.1f} ms = "
+            f"{LATENCY * 1e3:.0f} + warm GET {floor * 1e3:.1f} + {FLOOR_SLACK * 1e3:.0f}"
+        )
+    return Verdict(
+        f"{name}: last thread holds its token within exchange latency + the warm-GET "
+        f"stampede + {FLOOR_SLACK * 1e3:.0f} ms at P={', '.join(map(str, targets))} x 4 "
+        "(medians)",
+        met,
+        "; ".join(figures),
+    )
+
+
+def _alternatives_verdict(
+    cells: dict[tuple[int, str], _Cell],
+    processes: tuple[int, ...],
+    name: str,
+    rtt: float,
+    contenders: tuple[str, ...],
+) -> Verdict:
+    """Ahead of python-redis-lock at every P; within one round trip of naive at small P."""
+    misses = []
+    worst_naive = float("-inf")
+    for p in processes:
+        mine = _median(r.until_all for r in cells[(p, name)].rounds)
+        if "python-redis-lock" in contenders:
+            theirs = _median(r.until_all for r in cells[(p, "python-redis-lock")].rounds)
+            if not mine < theirs:
+                misses.append(f"P={p}: {mine * 1e3:.1f} ms vs python-redis-lock {theirs * 1e3:.1f}")
+        if "naive" in contenders and p <= NAIVE_P:
+            naive = _median(r.until_all for r in cells[(p, "naive")].rounds)
+            worst_naive = max(worst_naive, mine - naive)
+            if not mine <= naive + rtt:
+                misses.append(f"P={p}: {mine * 1e3:.2f} ms vs naive {naive * 1e3:.2f}")
+    return Verdict(
+        f"{name}: ahead of python-redis-lock at every P, and within one Redis round trip "
+        f"({rtt * 1e6:.0f} µs) of naive at P <= {NAIVE_P} (medians)",
+        not misses,
+        ("; ".join(misses) or "ahead of python-redis-lock everywhere")
+        + f"; worst vs naive at P <= {NAIVE_P}: {worst_naive * 1e3:+.2f} ms",
+    )
+
+
 def _plot(
-    cells: dict[tuple[int, str], _Cell], processes: tuple[int, ...], config: RunConfig
+    cells: dict[tuple[int, str], _Cell],
+    processes: tuple[int, ...],
+    config: RunConfig,
+    contenders: tuple[str, ...],
 ) -> list[str]:
     from benchmarks.plots import plt  # noqa: PLC0415 - matplotlib only in the coordinator
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for name in CONTENDERS:
+    for name in contenders:
         xs = [p for p in processes if cells[(p, name)].rounds]
         until = [_median(r.until_all for r in cells[(p, name)].rounds) * 1e3 for p in xs]
+        if name == BASELINE:
+            # The floor a cold stampede is held to: exchange latency plus a warm-GET stampede.
+            floor = [LATENCY * 1e3 + u for u in until]
+            left.plot(
+                xs, floor, color="black", linestyle="--", label=f"{LATENCY * 1e3:.0f} ms + {name}"
+            )
+            continue
         exch = [max(r.exchanges for r in cells[(p, name)].rounds) for p in xs]
         left.plot(xs, until, marker="o", label=name)
         right.plot(xs, exch, marker="o", label=name)

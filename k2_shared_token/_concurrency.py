@@ -138,21 +138,43 @@ class AsyncTimer:
         await asyncio.sleep(seconds)
 
 
+class _Started:
+    """A daemon thread's handle: started without waiting for it to run, and its end."""
+
+    def __init__(self, job: Callable[[], None], name: str) -> None:
+        self._job = job
+        self._name = name
+        self.ident: int | None = None
+        self.done = threading.Event()
+
+    def _main(self) -> None:
+        self.ident = threading.get_ident()
+        threading.current_thread().name = self._name
+        try:
+            self._job()
+        finally:
+            self.done.set()
+
+
 class Daemon:
     """A job that runs for a long time off the callers' path (the fleet backplane's listener):
-    a daemon thread here, a task on the asyncio side."""
+    a daemon thread here, a task on the asyncio side.
+
+    Started as the refresher's thread is (``_thread.start_new_thread``): ``Thread.start``
+    blocks until the new thread runs, and a cold process starts this one on its callers' path,
+    when on a busy machine that wait is a scheduler's turn."""
 
     @staticmethod
-    def start(job: Callable[[], None], name: str) -> threading.Thread:
-        thread = threading.Thread(target=job, name=name, daemon=True)
-        thread.start()
-        return thread
+    def start(job: Callable[[], None], name: str) -> _Started:
+        started = _Started(job, name)
+        _thread.start_new_thread(started._main, ())
+        return started
 
     @staticmethod
-    def stop(thread: threading.Thread) -> None:
+    def stop(thread: _Started) -> None:
         """The job ends by itself once it has nothing left to do; wait a little for it."""
-        if thread is not threading.current_thread():
-            thread.join(1.0)
+        if thread.ident != threading.get_ident():
+            thread.done.wait(1.0)
 
 
 class AsyncDaemon:

@@ -3,6 +3,7 @@ copy within milliseconds, on both providers; it reconnects by itself after Redis
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -11,7 +12,7 @@ import redis
 from k2_shared_token import SharedTokenProvider
 from k2_shared_token.testing.fake_k2 import FakeK2Server
 from k2_shared_token.testing.redis_server import EmbeddedRedis
-from tests.conftest import wait_until
+from tests.conftest import command_calls, wait_until
 
 Make = Callable[..., SharedTokenProvider]
 
@@ -74,3 +75,27 @@ def test_the_backplane_reconnects_after_redis_restarts(
     new = other.get_token()
     assert new != token
     _until(lambda: watcher._local.held is not None and watcher._local.held.token.value == new, 3)
+
+
+def test_a_cold_waiter_hands_its_subscription_to_the_backplane(
+    make_provider: Make, fake_k2: FakeK2Server, redis_client: redis.Redis
+) -> None:
+    """A cold process that waits for another's exchange listens on to the fleet through the
+    subscription its wait opened: one connection and one SUBSCRIBE fewer per process in a
+    stampede, and no gap in which an announcement could be missed."""
+    fake_k2.latency = 0.5
+    holder, waiter = make_provider(), make_provider()
+    got: list[str] = []
+    exchanging = threading.Thread(target=lambda: got.append(holder.get_token()))
+    exchanging.start()
+    wait_until(lambda: holder.stats()["backplane"] == 1, 5, "the holder's subscription")
+    subscribes = command_calls(redis_client, "subscribe")
+    token = waiter.get_token()
+    exchanging.join(5)
+    assert got == [token]
+    wait_until(lambda: waiter.stats()["backplane"] == 1, 5, "the waiter's backplane")
+    # The wait's: the backplane listens on it instead of subscribing again.
+    assert command_calls(redis_client, "subscribe") - subscribes == 1
+    assert fake_k2.exchanges == 1
+    assert holder.invalidate(token)  # and the waiter's backplane hears the fleet on it
+    _until(lambda: waiter._local.held is None, 2)

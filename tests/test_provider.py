@@ -82,6 +82,11 @@ def test_warm_worker_answers_from_memory_without_redis(
 ) -> None:
     provider = make_provider()
     token = provider.get_token()
+    # The lock holder subscribes after its exchange, then re-checks its copy once (off the
+    # callers' path: an announcement may have come before): let that settle first.
+    wait_until(lambda: provider.stats()["backplane"] == 1, 5, "the subscription")
+    assert provider.get_token() == token
+    assert provider.wait_for_refresh(5)
     before = command_calls(redis_client, "evalsha") + command_calls(redis_client, "eval")
     for _ in range(10_000):
         assert provider.get_token() == token

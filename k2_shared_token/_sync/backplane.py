@@ -9,6 +9,11 @@ process replaces or drops its copy the moment that happens, instead of trusting 
 the new token at once instead of each process paying a 401 first. The hot path is untouched:
 the listener changes the copy, callers still read one attribute.
 
+A cold process joins with the subscription its first wait already holds (see
+:meth:`Backplane.join`): it is subscribed to the namespace's channel, so the backplane
+listens on it instead of opening a connection and subscribing again while the fleet stampedes,
+and without a gap in which an announcement could be missed.
+
 The subscription reconnects by itself, backing off while Redis is away. While it is down the
 providers behave as without it (their copies are re-checked every ``local_max_age``); when it
 comes back they re-check at once, since announcements may have been missed meanwhile.
@@ -41,15 +46,32 @@ class Backplane:
         self._lock = threading.Lock()
         self._listeners: dict[str, dict[int, tuple[Listener, Resync]]] = {}
         self._task: Any = None
+        self._adopted: Any = None  # a waiter's open subscription to one channel, handed over
         self.connected = False
 
-    def join(self, channel: str, key: int, listener: Listener, resync: Resync) -> None:
+    def join(
+        self,
+        channel: str,
+        key: int,
+        listener: Listener,
+        resync: Resync,
+        subscription: Any = None,
+    ) -> bool:
         """Deliver ``channel``'s messages to ``listener`` (``key`` identifies it for
-        :meth:`leave`); starts the subscription on first use."""
+        :meth:`leave`); starts the subscription on first use.
+
+        ``subscription``: a pub/sub already subscribed to ``channel`` (a wait's, still open);
+        the first join listens on it rather than subscribing anew. Returns whether it was
+        taken; one that was not is the caller's to close.
+        """
+        taken = False
         with self._lock:
             self._listeners.setdefault(channel, {})[key] = (listener, resync)
             if self._task is None:
+                if subscription is not None:
+                    self._adopted, taken = (channel, subscription), True
                 self._task = Daemon.start(self._run, "k2-token-backplane")
+        return taken
 
     def leave(self, channel: str, key: int) -> None:
         with self._lock:
@@ -67,26 +89,39 @@ class Backplane:
         """Subscribe and listen until no namespace is left; on any failure, back off and
         subscribe again (the listener never dies of an error)."""
         pause = POLL
-        while self._listeners:
-            pubsub: Any = None
-            try:
-                pubsub = self._client.pubsub()  # a lazy cluster client meets Redis here
-                self._listen(pubsub)
-                pause = POLL
-            except Exception as exc:  # reported by class only; the loop must go on
-                if self.connected or not isinstance(exc, REDIS_FAILURES):
-                    log.warning("fleet backplane lost (%s); reconnecting", type(exc).__name__)
-                self.connected = False
-                Timer.sleep(pause)
-                pause = min(pause * 2, MAX_PAUSE)
-            finally:
-                self.connected = False
-                if pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        pubsub.close()
+        try:
+            while self._listeners:
+                pubsub: Any = None
+                try:
+                    adopted, self._adopted = self._adopted, None
+                    subscribed: set[str] = set()
+                    if adopted is not None:
+                        # Subscribed since before its wait ended: nothing can have been missed.
+                        channel, pubsub = adopted
+                        subscribed.add(channel)
+                        self.connected = True
+                    else:
+                        pubsub = self._client.pubsub()  # a lazy cluster client meets Redis here
+                    self._listen(pubsub, subscribed)
+                    pause = POLL
+                except Exception as exc:  # reported by class only; the loop must go on
+                    if self.connected or not isinstance(exc, REDIS_FAILURES):
+                        log.warning("fleet backplane lost (%s); reconnecting", type(exc).__name__)
+                    self.connected = False
+                    Timer.sleep(pause)
+                    pause = min(pause * 2, MAX_PAUSE)
+                finally:
+                    self.connected = False
+                    if pubsub is not None:
+                        with contextlib.suppress(Exception):
+                            pubsub.close()
+        finally:
+            adopted, self._adopted = self._adopted, None
+            if adopted is not None:  # left before it was listened on
+                with contextlib.suppress(Exception):
+                    adopted[1].close()
 
-    def _listen(self, pubsub: Any) -> None:
-        subscribed: set[str] = set()
+    def _listen(self, pubsub: Any, subscribed: set[str]) -> None:
         while self._listeners:
             wanted = set(self._listeners)
             if wanted - subscribed:

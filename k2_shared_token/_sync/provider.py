@@ -134,6 +134,7 @@ class SharedTokenProvider(ProviderExtras):
         self._local.kick = self._refresher.kick
         self._local.watch = self._watch_idle
         self._backplane: Backplane | None = None
+        self._kept: Any = None  # the cold path's wait subscription, for the backplane
         self._closed = False
         _concurrency.reset_in_children(self)
 
@@ -171,7 +172,10 @@ class SharedTokenProvider(ProviderExtras):
     def _get_slow(self) -> AccessToken:
         self._check_open()
         s = self.settings
-        if self._backplane is None and s.backplane:
+        # Cold (nothing held): joined after the flow. During an outage: once Redis answers
+        # again, so a partitioned port is not dialled inside the breaker's cooldown.
+        cold = self._local.held is None and s.local_cache
+        if self._backplane is None and s.backplane and not cold and not self._gate.is_open:
             self._join_backplane()
         seen: Snapshot | None = None
         if not s.local_cache:
@@ -218,7 +222,10 @@ class SharedTokenProvider(ProviderExtras):
             local=self._local_failures,
             shared=self._gate.allowed(),
         )
-        snap, missed = self._drive(obtain, caller=True)
+        try:
+            snap, missed = self._drive(obtain, caller=True)
+        finally:
+            self._join_after_obtaining()
         if not missed:
             self._metrics.record(metrics.SHARED_HIT)
         return self._local.adopt(snap, generation)
@@ -269,13 +276,37 @@ class SharedTokenProvider(ProviderExtras):
 
     # -- the fleet backplane -----------------------------------------------------------------
 
-    def _join_backplane(self) -> None:
+    def _join_backplane(self, subscription: Any = None) -> bool:
         """Listen to the namespace's announcements (on first use: the asyncio side needs its
-        running loop)."""
+        running loop); True if it listens on ``subscription`` (a wait's, still open)."""
         backplane = backplane_for(self._store.client)
-        if backplane is not None:
-            self._backplane = backplane
-            backplane.join(self.keys.channel, id(self), self._announced, self._local.recheck_now)
+        if backplane is None:
+            return False
+        self._backplane = backplane
+        channel, recheck = self.keys.channel, self._local.recheck_now
+        return backplane.join(channel, id(self), self._announced, recheck, subscription)
+
+    def _keep_subscription(self, pubsub: Any) -> bool:
+        """Offered by a wait that ends subscribed: a cold process keeps it for its backplane,
+        which then listens without a connection and a SUBSCRIBE of its own in the stampede."""
+        if self._backplane is not None or not self.settings.backplane or self._kept is not None:
+            return False
+        self._kept = pubsub
+        return True
+
+    def _join_after_obtaining(self) -> None:
+        """The cold path joins the backplane once its flow is done, with the subscription
+        its wait kept, if any. A process that exchanged or found the token subscribes anew,
+        after its flow: subscribing while it exchanged would take the lock attempt's idle
+        connection, and its publish would then wait for a new one. Its copy is re-checked
+        once subscribed (an announcement may have come before)."""
+        kept, self._kept = self._kept, None
+        taken = False
+        joining = self.settings.backplane and not self._closed and not self._gate.is_open
+        if self._backplane is None and joining:
+            taken = self._join_backplane(kept)
+        if kept is not None and not taken:
+            self._store.close_subscription(kept)
 
     def _announced(self, raw: bytes) -> None:
         """A token was written, invalidated or revoked somewhere in the fleet."""
@@ -368,7 +399,8 @@ class SharedTokenProvider(ProviderExtras):
             case flow.Release(lock=lock, error_code=code, holdoff_ms=ms, credentials=creds):
                 return self._redis(store.release, lock, code, ms, creds)
             case flow.Wait(timeout=timeout, min_ttl_ms=min_ttl_ms, replacing=replacing):
-                return self._redis(store.wait, timeout, min_ttl_ms, replacing)
+                offer = self._keep_subscription
+                return self._redis(store.wait, timeout, min_ttl_ms, replacing, offer)
         raise TypeError(f"unknown effect {effect!r}")  # pragma: no cover
 
     def _redis(self, method: Any, *args: Any) -> Any:
@@ -554,6 +586,7 @@ class SharedTokenProvider(ProviderExtras):
         self._metrics.reset_after_fork()
         self._flight = Flight()
         self._backplane = None
+        self._kept = None  # a parent's wait subscription: its socket is the parent's
         self._refresher = self._refresher.after_fork()
         self._local.kick = self._refresher.kick
         # The child inherits no subscription: its next call re-reads the copy (off the callers'

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis
@@ -179,20 +180,39 @@ class RedisStore:
             raise cache_error("status", exc) from exc
         return self.ops.status(replies)
 
-    def wait(self, timeout: float, min_ttl_ms: int, replacing: bool = False) -> WaitOutcome:
-        """Subscribe, re-read, then wait on the channel until an announcement or ``timeout``."""
+    def wait(
+        self,
+        timeout: float,
+        min_ttl_ms: int,
+        replacing: bool = False,
+        keep: Callable[[Any], bool] | None = None,
+    ) -> WaitOutcome:
+        """Subscribe, re-read, then wait on the channel until an announcement or ``timeout``.
+
+        ``keep``: offered the subscription when the wait ended with it intact (subscribed, no
+        error); if it takes it (True), it is not closed here. A cold process hands it to its
+        backplane, which then needs no connection and no SUBSCRIBE of its own.
+        """
         deadline = time.monotonic() + timeout
         try:
             # Inside the guard: a cluster client built lazily may meet Redis here first.
             pubsub = self.client.pubsub()
         except REDIS_FAILURES as exc:
             raise cache_error("wait", exc) from exc
+        kept = False
         try:
-            return self._wait(pubsub, deadline, min_ttl_ms, replacing)
+            outcome, subscribed = self._wait(pubsub, deadline, min_ttl_ms, replacing)
+            kept = subscribed and keep is not None and keep(pubsub)
+            return outcome
         except REDIS_FAILURES as exc:
             raise cache_error("wait", exc) from exc
         finally:
-            self._unsubscribe(pubsub)
+            if not kept:
+                self._unsubscribe(pubsub)
+
+    def close_subscription(self, pubsub: Any) -> None:
+        """Close a subscription a wait handed out (``keep``) that found no taker."""
+        self._unsubscribe(pubsub)
 
     def _unsubscribe(self, pubsub: Any) -> None:
         """Close the subscription. Its failure is logged and dropped: it must never replace
@@ -204,13 +224,14 @@ class RedisStore:
 
     def _wait(
         self, pubsub: Any, deadline: float, min_ttl_ms: int, replacing: bool
-    ) -> WaitOutcome:
+    ) -> tuple[WaitOutcome, bool]:
+        """The outcome, and whether the subscription was confirmed."""
         pubsub.subscribe(self.keys.channel)
         subscribed = False
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                return WaitOutcome(None, timed_out=True)
+                return WaitOutcome(None, timed_out=True), subscribed
             message = pubsub.get_message(timeout=left)
             if message is None:
                 continue
@@ -223,4 +244,4 @@ class RedisStore:
             else:
                 continue
             if done is not None:
-                return done
+                return done, subscribed
