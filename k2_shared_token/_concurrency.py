@@ -24,6 +24,7 @@ Interruption is designed in, not patched on:
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import os
 import threading
