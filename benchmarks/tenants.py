@@ -44,8 +44,7 @@ happens when all of them come due for their early refresh at the same moment:
   refresh, and measures
   the time until every provider holds a new token (its ``seconds_left()``, read-only, back above
   the window), the exchanges the fake K2 server counted (N expected), and the peak number of
-  token requests it served at once, against the registry's ``max_exchanges`` bound (a library
-  that refuses the setting is measured unbounded, and the verdict says so). For this
+  token requests it served at once, against the registry's ``max_exchanges`` bound. For this
   phase the fake server answers each token request after a delay (``DUE_LATENCY``, standing in
   for K2's own), so that requests which run together overlap visibly instead of finishing in
   microseconds.
@@ -83,7 +82,6 @@ from pathlib import Path
 from typing import Any
 
 import redis
-import requests
 
 from benchmarks.common import (
     CTX,
@@ -99,8 +97,7 @@ from benchmarks.common import (
     stats_delta,
 )
 from benchmarks.namespaces import used_memory
-from k2_shared_token import ConfigurationError, ProviderRegistry, SharedTokenProvider
-from k2_shared_token._core.settings import OPTION_NAMES
+from k2_shared_token import ProviderRegistry, SharedTokenProvider
 from k2_shared_token.testing.fake_k2 import FakeK2Server
 from k2_shared_token.testing.redis_server import EmbeddedRedis
 
@@ -142,12 +139,12 @@ class Plan:
     due_deadline: float
 
     @classmethod
-    def for_tenants(cls, n: int, quick: bool, idle_drop: bool) -> Plan:
+    def for_tenants(cls, n: int, quick: bool) -> Plan:
         traced = min(n, TRACED_MAX)
         warm_budget = math.ceil(3.0 + (n - traced) * 0.008 + traced * 0.02)
         rewarm_and_rounds = 15.0 + n * 0.002
         fresh = math.ceil(
-            warm_budget + (warm_budget + 5.0 if idle_drop else 0.0) + rewarm_and_rounds
+            warm_budget + warm_budget + 5.0 + rewarm_and_rounds
         )
         # The exchanges one after another at the fake server's latency, plus slack: the bound
         # (however few workers it leaves) must still finish them all.
@@ -323,7 +320,6 @@ class Watchdog:
 class Figures:
     n: int
     plan: Plan
-    idle_supported: bool
     threads_before: int = 0
     threads_samples: dict[str, int] = field(default_factory=dict)
     new_thread_names: dict[str, int] = field(default_factory=dict)
@@ -347,6 +343,8 @@ class Figures:
     many_s: float | None = None  # s per call, N tenants
     one_s: float | None = None
     ratio: float | None = None
+    alone_s: float | None = None  # s per call of the primer while it was the only tenant
+    floor_ratio: float | None = None  # a dict of N (token, expiry) pairs, N keys vs one
     stale_at_due: int = 0  # held copies inside their refresh window at the due instant
     fresh_at_due: int = 0  # held copies still above it (none, if the schedule held)
     kick_s: float | None = None
@@ -356,7 +354,6 @@ class Figures:
     due_exchanges: int = 0
     peak: int | None = None
     overrun: str | None = None
-    bound_refused: bool = False  # the library refused max_exchanges (it has no such setting)
     warnings: dict[str, int] = field(default_factory=dict)  # the library's, by kind
 
     @property
@@ -405,18 +402,29 @@ def time_round(providers: list[SharedTokenProvider], passes: int) -> float:
     return (time.perf_counter() - start) / (passes * len(providers))
 
 
+def time_floor(table: dict[str, tuple[str, float]], keys: list[str], passes: int) -> float:
+    """The same loop over the least any per-tenant cache does: a dict lookup of the tenant's
+    (token, expiry) and one clock comparison. Its ratio, N keys against one key N times, is
+    what the CPU's caches charge for N tenants whatever the library does."""
+    now = time.monotonic
+    start = time.perf_counter()
+    for _ in range(passes):
+        for key in keys:
+            _token, expires = table[key]
+            if now() >= expires:
+                raise AssertionError("the floor's entries never expire")
+    return (time.perf_counter() - start) / (passes * len(keys))
+
+
 # --------------------------------------------------------------------------- the run
 
 
 def run(config: RunConfig, n: int | None = None) -> SectionResult:
     n = n or (N_QUICK if config.quick else N_FULL)
-    idle_supported = "local_idle" in OPTION_NAMES
-    plan = Plan.for_tenants(n, config.quick, idle_supported)
+    plan = Plan.for_tenants(n, config.quick)
     clients = client_ids(n)
     tenants = [cid for cid in clients if cid != PRIMER]
-    f = Figures(n=n, plan=plan, idle_supported=idle_supported)
-    # Only if this library drops idle copies: without the setting there is nothing to wait for.
-    idle_option = {"local_idle": plan.local_idle} if idle_supported else {}
+    f = Figures(n=n, plan=plan)
     watchdog = Watchdog()
     parent_conn, child_conn = CTX.Pipe()
     logs = LogCounter()
@@ -426,30 +434,22 @@ def run(config: RunConfig, n: int | None = None) -> SectionResult:
         with (
             EmbeddedRedis() as server,
             spawned(_serve_fake_k2, [(child_conn, clients, plan.lifetime)]) as procs,
-            requests.Session() as http,
         ):
             k2 = RemoteK2(parent_conn, procs[0].pid)
             admin = redis.Redis.from_url(server.url)
             try:
                 f.threads_before = os_threads()
                 baseline_idents = {t.ident for t in threading.enumerate() if t.ident}
-                options: dict[str, Any] = {
-                    "redis": server.url,
-                    "base_url": k2.base_url,
-                    "session": http,
-                    "refresh_ahead": plan.fresh,
-                    "min_validity": MIN_VALIDITY,
-                    "local_max_age": plan.lifetime,
-                    **idle_option,
-                }
-                try:
-                    registry = ProviderRegistry(**options, max_exchanges=MAX_EXCHANGES)
-                except ConfigurationError as exc:
-                    # A library without the bound: measured unbounded, and the verdict says so.
-                    if "max_exchanges" not in str(exc):
-                        raise
-                    f.bound_refused = True
-                    registry = ProviderRegistry(**options)
+                # No session: the providers share the library's one per base URL.
+                registry = ProviderRegistry(
+                    redis=server.url,
+                    base_url=k2.base_url,
+                    refresh_ahead=plan.fresh,
+                    min_validity=MIN_VALIDITY,
+                    local_max_age=plan.lifetime,
+                    local_idle=plan.local_idle,
+                    max_exchanges=MAX_EXCHANGES,
+                )
                 try:
                     _measure(f, registry, tenants, clients, k2, admin, watchdog)
                 except PhaseOverrunError as exc:
@@ -484,8 +484,15 @@ def _measure(
         f.threads_samples[label] = max(f.threads_samples.get(label, 0), os_threads())
 
     # The primer: the registry's Redis connection, its HTTP connection, the backplane.
-    with watchdog.phase("primer", 30):
+    passes = max(1, CALLS_PER_ROUND // n)
+    with watchdog.phase("primer", 60):
         registry.get_token(PRIMER, clients[PRIMER])
+        primer = registry.provider(PRIMER)
+        primer.wait_for_refresh(10.0)
+        # Its warm call while it is the only tenant: what a process of one tenant pays.
+        alone = [primer] * n
+        time_round(alone, 1)
+        f.alone_s = statistics.median(time_round(alone, passes) for _ in range(plan.rounds))
     sample("after the primer")
     redis_before = used_memory(admin)
     exchanges_before = k2.get("exchanges")
@@ -523,15 +530,14 @@ def _measure(
     sample("after warming every tenant")
 
     # Idle: no call for local_idle; the library's idle check drops the copies nobody used.
-    if f.idle_supported:
-        with watchdog.phase("idle drop", 2 * plan.local_idle + 30):
-            idle_start = time.monotonic()
-            wait_until(
-                lambda: held_count(providers) == 0,
-                warm_end + plan.local_idle + 5,
-                lambda: sample("while idle (waiting for the idle drop)"),
-            )
-            f.idle_wait_s = time.monotonic() - idle_start
+    with watchdog.phase("idle drop", 2 * plan.local_idle + 30):
+        idle_start = time.monotonic()
+        wait_until(
+            lambda: held_count(providers) == 0,
+            warm_end + plan.local_idle + 5,
+            lambda: sample("while idle (waiting for the idle drop)"),
+        )
+        f.idle_wait_s = time.monotonic() - idle_start
     f.held_after_idle = held_count(providers)
     f.memory_idle = (traced() - base - harness) / plan.traced
     tracemalloc.stop()
@@ -551,18 +557,28 @@ def _measure(
             time_round(providers, 1)
         f.settle_s = time.perf_counter() - start
         many, one = providers, [providers[0]] * n
-        passes = max(1, CALLS_PER_ROUND // n)
         time_round(one, 1)
+        far = float("inf")
+        table = {c: (t, far) for c, t in zip(tenants, tokens, strict=True)}
+        keys, one_key = list(table), [tenants[0]] * n
+        rounds: dict[str, Callable[[], float]] = {
+            "many": lambda: time_round(many, passes),
+            "one": lambda: time_round(one, passes),
+            "floor many": lambda: time_floor(table, keys, passes),
+            "floor one": lambda: time_floor(table, one_key, passes),
+        }
         commands_before = command_stats(admin)
-        samples: dict[str, list[float]] = {"many": [], "one": []}
+        samples: dict[str, list[float]] = {name: [] for name in rounds}
         for i in range(plan.rounds):
-            order = (("many", many), ("one", one)) if i % 2 == 0 else (("one", one), ("many", many))
-            for name, lst in order:
-                samples[name].append(time_round(lst, passes))
+            for name in rounds if i % 2 == 0 else reversed(rounds):
+                samples[name].append(rounds[name]())
         f.round_commands = sum(stats_delta(commands_before, command_stats(admin), 1).values())
         f.many_s = statistics.median(samples["many"])
         f.one_s = statistics.median(samples["one"])
         f.ratio = f.many_s / f.one_s
+        f.floor_ratio = statistics.median(samples["floor many"]) / statistics.median(
+            samples["floor one"]
+        )
     sample("after the warm calls")
 
     # Due together: every token's refresh window is open by the due instant.
@@ -635,16 +651,10 @@ def _report(f: Figures) -> SectionResult:
     ]
     threads_table = md_table(("OS threads of this process", "count", "vs before"), threads_rows)
     names = ", ".join(f"{name} x{count}" for name, count in sorted(f.new_thread_names.items()))
-    if f.idle_supported:
-        idle_note = (
-            f"after {f.idle_wait_s:.0f} s with no call (`local_idle` {plan.local_idle:g} s): "
-            f"{f.held_after_idle}/{n} copies still held"
-        )
-    else:
-        idle_note = (
-            "this library has no `local_idle` setting (no idle drop): measured right after the "
-            f"held figure, {f.held_after_idle}/{n} copies held"
-        )
+    idle_note = (
+        f"after {f.idle_wait_s:.0f} s with no call (`local_idle` {plan.local_idle:g} s): "
+        f"{f.held_after_idle}/{n} copies still held"
+    )
     memory_table = md_table(
         ("per tenant", "bytes"),
         [
@@ -672,6 +682,17 @@ def _report(f: Figures) -> SectionResult:
                 fmt_us(f.one_s, 3),
                 "1.00x",
             ),
+            (
+                "the primer's provider the same way, before the other tenants existed",
+                fmt_us(f.alone_s, 3),
+                _fmt(f.alone_s / f.one_s if f.alone_s and f.one_s else None, ".2f") + "x",
+            ),
+            (
+                f"floor: a dict of {n} (token, expiry) pairs, {n} keys round-robin against one "
+                "key (same loop, same rounds)",
+                "",
+                _fmt(f.floor_ratio, ".2f") + "x",
+            ),
         ],
     )
     due_table = md_table(
@@ -689,24 +710,16 @@ def _report(f: Figures) -> SectionResult:
             ("tokens changed (`get_token()` afterwards vs before)", f"{f.changed}/{n}"),
             ("exchanges at the fake K2 server", f.due_exchanges),
             (
-                "peak token requests served at once ("
-                + ("no bound" if f.bound_refused else f"bound `max_exchanges` = {MAX_EXCHANGES}")
-                + ")",
+                f"peak token requests served at once (bound `max_exchanges` = {MAX_EXCHANGES})",
                 _fmt(f.peak, "d"),
             ),
         ],
-    )
-    bound = (
-        "**no `max_exchanges`: this library refused the setting (ConfigurationError), so the "
-        "registry runs unbounded**"
-        if f.bound_refused
-        else f"`max_exchanges` {MAX_EXCHANGES}"
     )
     body = (
         f"{n} client ids on one fake K2 server (its own process; tokens of {plan.lifetime} s), "
         "one `ProviderRegistry` on one embedded redis-server with one HTTP session; "
         f"`refresh_ahead` {plan.fresh:g} s (half the lifetime), `min_validity` {MIN_VALIDITY:g} s, "
-        f"`local_max_age` {plan.lifetime} s, {bound}. Tenants warmed one "
+        f"`local_max_age` {plan.lifetime} s, `max_exchanges` {MAX_EXCHANGES}. Tenants warmed one "
         "after another from one thread after a primer tenant; warm-up "
         f"{_fmt(f.warm_s, '.1f')} s ({f.warm_exchanges} exchanges; the last {plan.traced} "
         f"tenants under tracemalloc took {_fmt(f.warm_traced_s, '.1f')} s), re-warm "
@@ -748,16 +761,24 @@ def _report(f: Figures) -> SectionResult:
         Verdict(
             f"warm `get_token()` over {n} tenants at most {WARM_RATIO_TARGET:g}x one tenant's",
             f.ratio is not None and f.ratio <= WARM_RATIO_TARGET,
-            f"{fmt_us(f.many_s, 3)} vs {fmt_us(f.one_s, 3)} µs, {_fmt(f.ratio, '.2f')}x",
+            f"{fmt_us(f.many_s, 3)} vs {fmt_us(f.one_s, 3)} µs, {_fmt(f.ratio, '.2f')}x; "
+            f"a bare dict of {n} tokens: {_fmt(f.floor_ratio, '.2f')}x",
+        ),
+        Verdict(
+            f"a tenant's warm `get_token()` with {n} tenants held at most {WARM_RATIO_TARGET:g}x "
+            "its cost as the only tenant",
+            f.alone_s is not None
+            and f.one_s is not None
+            and f.one_s <= WARM_RATIO_TARGET * f.alone_s,
+            f"{fmt_us(f.one_s, 3)} vs {fmt_us(f.alone_s, 3)} µs",
         ),
         Verdict(
             "idle tenants' local copies dropped after `local_idle`",
-            f.idle_supported and f.memory_idle is not None and f.held_after_idle == 0,
+            f.memory_idle is not None and f.held_after_idle == 0,
             (
                 f"{f.held_after_idle}/{n} still held, {_fmt(f.memory_idle, '.0f')} B vs "
                 f"{_fmt(f.memory_held, '.0f')} B per tenant held"
-            )
-            + ("" if f.idle_supported else "; no `local_idle` in this library"),
+            ),
         ),
         Verdict(
             "due together: every tenant refreshed, one exchange each",
@@ -768,8 +789,7 @@ def _report(f: Figures) -> SectionResult:
         Verdict(
             f"due together: peak concurrent token requests at most max_exchanges ({MAX_EXCHANGES})",
             f.peak is not None and f.peak <= MAX_EXCHANGES,
-            f"peak {_fmt(f.peak, 'd')}"
-            + ("; this library refused `max_exchanges`: no bound" if f.bound_refused else ""),
+            f"peak {_fmt(f.peak, 'd')}",
         ),
         Verdict(
             "no exchange between the warm-up and the due instant (the schedule held)",
