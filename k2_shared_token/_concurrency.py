@@ -274,7 +274,11 @@ class AsyncRefresher:
         self._closed = False
 
     def kick(self) -> None:
-        if self._task is not None or self._closed or time.monotonic() < self._not_before:
+        task = self._task
+        # A task cancelled before it ran (its event loop ended) never cleared itself.
+        if (task is not None and not task.done()) or self._closed:
+            return
+        if time.monotonic() < self._not_before:
             return
         self._task = AsyncScheduler.here().submit(self._run, self._name)
 

@@ -54,7 +54,7 @@ _OWN = frozenset({"self", "redis", "base_url"})
 _SHARED = frozenset({"session", "hooks"}) | (OPTION_NAMES - _PER_PROVIDER - _OWN)
 _SETTINGS = OPTION_NAMES - _PER_PROVIDER - _OWN
 
-_KNOWN_URLS = 64  # distinct base URLs remembered in their normalised form (K2 has two)
+_KNOWN_URLS = 64  # distinct base URLs remembered in their normalised form (sandbox, production)
 
 _live: weakref.WeakSet[RegistryBase[Any]] = weakref.WeakSet()
 

@@ -5,9 +5,11 @@ refreshes, a thousand tenants that each refreshed once leave a thousand threads 
 thousand tenants coming due together send a thousand token requests to K2 at once. Instead:
 
 * :class:`Scheduler` (blocking side) is one per process: a queue of jobs, a timer heap, and at
-  most :data:`WORKERS` worker threads, started on demand. The workers service the heap too, so
+  most :data:`WORKERS` worker threads, started on demand and kept (a thread that came and went
+  would leave ``threading`` a dummy entry each time). The workers service the heap too, so
   there is no timer thread. A provider's refresher submits its job here; its idle check is a
-  timer here.
+  timer here. Background jobs therefore run at most :data:`WORKERS` at a time whatever
+  ``max_exchanges`` allows; the slots bound the callers' exchanges too.
 * :class:`AsyncScheduler` is one per event loop: a job is a task that waits for one of
   :data:`WORKERS` places, and a timer is the loop's own ``call_later`` (already a heap).
 * :class:`ExchangeSlots` / :class:`AsyncExchangeSlots` bound how many token exchanges run at
@@ -37,7 +39,6 @@ from collections.abc import Awaitable, Callable
 log = logging.getLogger("k2_shared_token")
 
 WORKERS = 4  # threads (or concurrent jobs per event loop) for every provider's background work
-IDLE_EXIT = 60.0  # a worker with nothing to run and no timer due for this long ends
 
 Job = Callable[[], None]
 
@@ -103,13 +104,15 @@ class Scheduler:
 
     def _start_worker(self) -> None:
         if self._threads < self._workers:
-            self._threads += 1
-            _thread.start_new_thread(self._work, ())
+            try:
+                _thread.start_new_thread(self._work, ())
+            except RuntimeError as exc:  # no thread to be had: the workers there carry on
+                log.error("could not start a background worker (%s)", type(exc).__name__)
+            else:
+                self._threads += 1
 
-    def _next(self) -> Job | None:
-        """The next job to run; None once this worker has been idle for ``IDLE_EXIT``."""
+    def _next(self) -> Job:
         with self._cond:
-            idle_since = time.monotonic()
             while True:
                 now = time.monotonic()
                 while self._timers and self._timers[0][0] <= now:
@@ -118,13 +121,9 @@ class Scheduler:
                     if len(self._ready) > 1:
                         self._cond.notify(len(self._ready) - 1)  # timers due together
                     return self._ready.popleft()
-                if not self._timers and now - idle_since >= IDLE_EXIT:
-                    self._threads -= 1
-                    return None
-                timeout = self._timers[0][0] - now if self._timers else IDLE_EXIT
                 self._idle += 1
                 try:
-                    self._cond.wait(timeout)
+                    self._cond.wait(self._timers[0][0] - now if self._timers else None)
                 finally:
                     self._idle -= 1
 
@@ -132,8 +131,6 @@ class Scheduler:
         threading.current_thread().name = "k2-token-worker"
         while True:
             job = self._next()
-            if job is None:
-                return
             try:
                 job()
             except Exception as exc:  # the jobs handle their own errors; this is a last net

@@ -361,7 +361,7 @@ def test_an_invalidation_landing_inside_adopt_is_not_undone(
 ) -> None:
     """The adopter reads the clock while it builds the copy; a 401 lands right then. The
     forced interleaving is where the old ``_adopt`` had its gap between check and assignment."""
-    copy = LocalCopy(Windows(300, 30, 60), keep_shared=True, recheck_unshared=5)
+    copy = LocalCopy(Windows(300, 30, 60), keep_shared=True, recheck_unshared=5, idle=900)
     copy.adopt(_snapshot("dead"), copy.generation)
     generation = copy.generation
     inside, forgotten = threading.Event(), threading.Event()

@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+import redis
 
 from k2_shared_token._core.local_copy import LocalCopy
 from k2_shared_token._core.tokens import Snapshot, StoredToken
@@ -124,7 +125,7 @@ def test_an_idle_copy_is_dropped_and_the_next_call_reads_redis(
 
 
 def copy_holding(fence: int) -> tuple[LocalCopy, list[int]]:
-    copy = LocalCopy(Windows(300, 30, 60), keep_shared=True, recheck_unshared=5)
+    copy = LocalCopy(Windows(300, 30, 60), keep_shared=True, recheck_unshared=5, idle=900)
     armed: list[int] = []
     copy.watch = lambda: armed.append(1)
     stored = StoredToken(value="t" * 40, token_type="Bearer", lifetime=3600, fence=fence)
@@ -257,3 +258,48 @@ def test_an_event_loop_runs_at_most_its_workers_background_jobs_at_once() -> Non
     peak, waiting = asyncio.run(main())
     assert peak == WORKERS
     assert waiting == 3 * WORKERS
+
+
+def test_an_announcement_does_not_refill_a_copy_dropped_as_idle(
+    make_provider: Make, redis_client: redis.Redis
+) -> None:
+    """The backplane follows the copies a process holds; one dropped as idle stays dropped
+    until a call asks for it, or every fleet refresh would refill every idle tenant."""
+    idle = make_provider(local_idle=0.1, backplane=False)
+    other = make_provider(backplane=False)
+    idle.get_token()
+    wait_until(lambda: idle.seconds_left() is None, 5, "the idle copy to be dropped")
+    with redis_client.pubsub() as sub:
+        sub.subscribe(idle.keys.channel)
+        assert sub.get_message(timeout=5)["type"] == "subscribe"
+        other.invalidate(other.get_token())
+        new = other.get_token()
+        raw = b""
+        while not raw.startswith(b"T"):  # the announcement of the new token
+            message = sub.get_message(timeout=5)
+            assert message is not None, "no announcement of the new token"
+            raw = message["data"] if message["type"] == "message" else b""
+    idle._announced(raw)
+    assert idle.seconds_left() is None
+    other._announced(raw)  # a held copy does follow it
+    assert other.get_token() == new
+
+
+def test_closing_a_transport_twice_leaves_the_shared_session_to_the_others(
+    make_provider: Make, fake_k2: FakeK2Server, side: str
+) -> None:
+    first, second = tenants(fake_k2, make_provider, 2)
+    first.get_token()
+    second.get_token()  # both use the shared client now
+    transport = first._exchange.transport
+    for _ in range(2):  # counted once: the session stays open for the other tenant
+        if side == "async":
+            first._loop.run(transport.aclose())
+        else:
+            transport.close()
+    first.close()
+    fake_k2.reset_counters()
+    second.invalidate(second.get_token())
+    second.get_token()
+    assert fake_k2.exchanges == 1
+    assert fake_k2.connections_accepted == 0  # still the pooled connection

@@ -117,7 +117,10 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
         )
         self._instruments = Instruments(s.namespace, self._metrics, self._gate)
         self._local = LocalCopy(
-            self._windows, keep_shared=s.local_cache, recheck_unshared=s.redis_cooldown
+            self._windows,
+            keep_shared=s.local_cache,
+            recheck_unshared=s.redis_cooldown,
+            idle=s.local_idle,
         )
         # Only the fallback's single-flight leader touches it: no lock needed.
         self._local_failures = LocalFailures() if s.fallback else None
@@ -234,7 +237,7 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
         next refresh may run, or None."""
         if self._closed:
             return None  # kicked just before close(): nothing to refresh for
-        if self._backplane is None and self.settings.backplane:
+        if self._backplane is None and self.settings.backplane and not self._gate.is_open:
             self._join_backplane()  # a forked child's first refresh (its copy stays warm)
         held, generation = self._local.held, self._local.generation
         previous = held.source if held is not None else None
@@ -306,6 +309,8 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
             taken = self._join_backplane(kept)
         if kept is not None and not taken:
             await self._store.close_subscription(kept)
+        if self._closed and self._backplane is not None:
+            await self._backplane.leave(self.keys.channel, id(self))  # close() ran meanwhile
 
     def _announced(self, raw: bytes) -> None:
         """A token was written, invalidated or revoked somewhere in the fleet."""
@@ -322,7 +327,9 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
             held = self._local.held
             if held is not None and codec.digest(held.token.value) == ann.dropped:
                 self._local.forget(held.token.value)
-        elif ann.stored is not None and ann.ttl_ms > 0:
+        elif ann.stored is not None and ann.ttl_ms > 0 and self._local.held is not None:
+            # Only a copy this process holds follows the fleet: one dropped as idle stays
+            # dropped until a call asks for it (memory bounded by the tenants in use).
             snap = Snapshot(ann.stored, ann.ttl_ms, time.monotonic(), time.time())
             self._local.adopt(snap, self._local.generation)
 
@@ -349,7 +356,7 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
                 missed = True
                 self._metrics.record(metrics.MISS)
             try:
-                result, error = await self._do(effect), None
+                result, error = await self._do(effect, caller=caller), None
             except K2TokenError as exc:
                 result, error = None, exc
                 guard.failed(effect)
@@ -371,20 +378,20 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
             settled = f"could not settle its lock ({type(failure).__name__}); its lease frees it"
         self._instruments.interrupted(settled, exc)
 
-    async def _do(self, effect: flow.Effect[Any]) -> Any:
+    async def _do(self, effect: flow.Effect[Any], *, caller: bool = False) -> Any:
         """Perform one effect, with its metrics and logs."""
         if self._closed and not isinstance(effect, (flow.Publish, flow.Release)):
             raise ConfigurationError(f"{type(self).__name__} is closed")
         started = time.monotonic()
         try:
-            result = await self._perform(effect)
+            result = await self._perform(effect, caller)
         except K2TokenError as exc:
             self._instruments.failed(effect, started, exc)
             raise
         self._instruments.performed(effect, result, started)
         return result
 
-    async def _perform(self, effect: flow.Effect[Any]) -> Any:
+    async def _perform(self, effect: flow.Effect[Any], caller: bool) -> Any:
         store = self._store
         match effect:
             case flow.Exchange():
@@ -398,7 +405,8 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
             case flow.Release(lock=lock, error_code=code, holdoff_ms=ms, credentials=creds):
                 return await self._redis(store.release, lock, code, ms, creds)
             case flow.Wait(timeout=timeout, min_ttl_ms=min_ttl_ms, replacing=replacing):
-                offer = self._keep_subscription
+                # Only a caller's flow hands its subscription on (_join_after_obtaining).
+                offer = self._keep_subscription if caller else None
                 return await self._redis(store.wait, timeout, min_ttl_ms, replacing, offer)
         raise TypeError(f"unknown effect {effect!r}")  # pragma: no cover
 

@@ -9,6 +9,7 @@ and the process would keep handing out the token it was just told is dead.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -22,22 +23,29 @@ def _no_kick() -> None:
     return None
 
 
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
+
+
 class LocalCopy:
-    # Slots, and the hot path's three values first (one cache line with the object's header):
-    # a process with thousands of tenants calls thousands of copies in turn, so what one warm
-    # call touches is what it costs. Hence also the mirrors of ``held``'s instants and token:
+    # Slots, and the hot path's values first (beside the object's header): a process with
+    # thousands of tenants calls thousands of copies in turn, so what one warm call touches is
+    # what it costs. Hence also the mirrors of ``held``'s instants and token:
     # reading them here spares the hot path a hop to the Held object.
     __slots__ = (  # noqa: RUF023 - in layout order, not alphabetical
         "_recheck_at", "_usable_until", "_token", "hits", "kick",
         "_held", "_dropped", "_generation", "_hits_seen", "_keep_shared", "_lock",
-        "_recheck_unshared", "_watched", "watch", "windows",
+        "_recheck_unshared", "_watched", "watch", "windows", "_idle", "_check_due",
     )  # fmt: skip
 
-    def __init__(self, windows: Windows, *, keep_shared: bool, recheck_unshared: float) -> None:
+    def __init__(
+        self, windows: Windows, *, keep_shared: bool, recheck_unshared: float, idle: float
+    ) -> None:
         """``keep_shared``: keep tokens that Redis also has (``local_cache``); without it only
         the fallback's own token is kept, or an outage would cost an exchange per call.
         ``recheck_unshared``: how soon a token Redis does not have is checked against Redis
-        again (the breaker's cooldown), so sharing resumes soon after Redis answers."""
+        again (the breaker's cooldown), so sharing resumes soon after Redis answers.
+        ``idle``: the delay :attr:`watch` arms the idle check with (``local_idle``)."""
         self.windows = windows
         self.held = None
         self.hits = 0  # a bare int bumped on the hot path: may lag a little, never locks
@@ -48,7 +56,9 @@ class LocalCopy:
         self._generation = 0
         self._lock = threading.Lock()
         self._watched = False  # an idle_check() is due
-        self._dropped = ""  # the token last reported dead: never adopted again
+        self._dropped = b""  # the digest of the token last reported dead: never adopted again
+        self._idle = idle
+        self._check_due = 0.0
         self._hits_seen = 0
 
     @property
@@ -57,14 +67,15 @@ class LocalCopy:
 
     @held.setter
     def held(self, held: Held | None) -> None:
-        # Instants first, token last: a hot-path reader between the assignments sees either
-        # state's instants with a token that is at worst the one being replaced.
+        # Token first, instants last: a hot-path reader between the assignments sees the old
+        # instants with the new token, which is the newer one or None (the caller then takes
+        # the slow path), never the old token past the new instants.
         if held is None:
-            self._recheck_at = self._usable_until = 0.0
             self._token = None
+            self._recheck_at = self._usable_until = 0.0
         else:
-            self._recheck_at, self._usable_until = held.recheck_at, held.usable_until
             self._token = held.token
+            self._recheck_at, self._usable_until = held.recheck_at, held.usable_until
         self._held = held
 
     def token(self) -> AccessToken | None:
@@ -113,10 +124,13 @@ class LocalCopy:
             # An announcement of a token delivered after that token was dropped here (a 401,
             # an invalidate) must not bring it back: the drop bumped the generation, but the
             # backplane reads the generation only when the late message arrives.
-            if generation == self._generation and snap.stored.value != self._dropped:
+            if generation == self._generation and _digest(snap.stored.value) != self._dropped:
                 self.held = kept
-                arm = kept is not None and not self._watched
-                self._watched = self._watched or arm
+                now = time.monotonic()
+                # A check long overdue was lost (its event loop ended before it fired).
+                arm = kept is not None and (not self._watched or now > self._check_due + self._idle)
+                if arm:
+                    self._watched, self._check_due = True, now + self._idle
         if arm:
             self.watch()
         return held
@@ -142,7 +156,7 @@ class LocalCopy:
     def forget(self, value: str) -> None:
         """Drop the copy if it is ``value`` (a 401 or an invalidate)."""
         with self._lock:
-            self._dropped = value
+            self._dropped = _digest(value)
             held = self.held
             if held is not None and held.token.value == value:
                 self._generation += 1

@@ -62,19 +62,28 @@ class _Shared(Generic[C]):
         self._pid = os.getpid()
         self._clients: dict[str, tuple[C, int]] = {}
 
+    def _forked(self) -> bool:
+        """In a forked child (where only this thread runs), start afresh: the lock may have
+        been held by a parent's thread at the fork, and the clients are the parent's."""
+        if self._pid == os.getpid():
+            return False
+        self._lock, self._pid, self._clients = threading.Lock(), os.getpid(), {}
+        return True
+
     def acquire(self, key: str, make: Callable[[], C]) -> C:
+        self._forked()
         with self._lock:
-            if self._pid != os.getpid():
-                self._pid, self._clients = os.getpid(), {}
             client, users = self._clients.get(key) or (make(), 0)
             self._clients[key] = (client, users + 1)
             return client
 
     def release(self, key: str) -> C | None:
         """The client to close, once its last user let go of it; else None."""
+        if self._forked():
+            return None
         with self._lock:
             entry = self._clients.get(key)
-            if entry is None or self._pid != os.getpid():
+            if entry is None:
                 return None
             client, users = entry
             if users > 1:
@@ -156,6 +165,7 @@ class Transport:
 
     def close(self) -> None:
         if self._owns:
+            self._owns = False  # one release per acquire, however often close() is called
             last = _sessions.release(self._key)
             if last is not None:
                 last.close()

@@ -118,7 +118,10 @@ class SharedTokenProvider(ProviderExtras):
         )
         self._instruments = Instruments(s.namespace, self._metrics, self._gate)
         self._local = LocalCopy(
-            self._windows, keep_shared=s.local_cache, recheck_unshared=s.redis_cooldown
+            self._windows,
+            keep_shared=s.local_cache,
+            recheck_unshared=s.redis_cooldown,
+            idle=s.local_idle,
         )
         # Only the fallback's single-flight leader touches it: no lock needed.
         self._local_failures = LocalFailures() if s.fallback else None
@@ -235,7 +238,7 @@ class SharedTokenProvider(ProviderExtras):
         next refresh may run, or None."""
         if self._closed:
             return None  # kicked just before close(): nothing to refresh for
-        if self._backplane is None and self.settings.backplane:
+        if self._backplane is None and self.settings.backplane and not self._gate.is_open:
             self._join_backplane()  # a forked child's first refresh (its copy stays warm)
         held, generation = self._local.held, self._local.generation
         previous = held.source if held is not None else None
@@ -307,6 +310,8 @@ class SharedTokenProvider(ProviderExtras):
             taken = self._join_backplane(kept)
         if kept is not None and not taken:
             self._store.close_subscription(kept)
+        if self._closed and self._backplane is not None:
+            self._backplane.leave(self.keys.channel, id(self))  # close() ran meanwhile
 
     def _announced(self, raw: bytes) -> None:
         """A token was written, invalidated or revoked somewhere in the fleet."""
@@ -323,7 +328,9 @@ class SharedTokenProvider(ProviderExtras):
             held = self._local.held
             if held is not None and codec.digest(held.token.value) == ann.dropped:
                 self._local.forget(held.token.value)
-        elif ann.stored is not None and ann.ttl_ms > 0:
+        elif ann.stored is not None and ann.ttl_ms > 0 and self._local.held is not None:
+            # Only a copy this process holds follows the fleet: one dropped as idle stays
+            # dropped until a call asks for it (memory bounded by the tenants in use).
             snap = Snapshot(ann.stored, ann.ttl_ms, time.monotonic(), time.time())
             self._local.adopt(snap, self._local.generation)
 
@@ -350,7 +357,7 @@ class SharedTokenProvider(ProviderExtras):
                 missed = True
                 self._metrics.record(metrics.MISS)
             try:
-                result, error = self._do(effect), None
+                result, error = self._do(effect, caller=caller), None
             except K2TokenError as exc:
                 result, error = None, exc
                 guard.failed(effect)
@@ -372,20 +379,20 @@ class SharedTokenProvider(ProviderExtras):
             settled = f"could not settle its lock ({type(failure).__name__}); its lease frees it"
         self._instruments.interrupted(settled, exc)
 
-    def _do(self, effect: flow.Effect[Any]) -> Any:
+    def _do(self, effect: flow.Effect[Any], *, caller: bool = False) -> Any:
         """Perform one effect, with its metrics and logs."""
         if self._closed and not isinstance(effect, (flow.Publish, flow.Release)):
             raise ConfigurationError(f"{type(self).__name__} is closed")
         started = time.monotonic()
         try:
-            result = self._perform(effect)
+            result = self._perform(effect, caller)
         except K2TokenError as exc:
             self._instruments.failed(effect, started, exc)
             raise
         self._instruments.performed(effect, result, started)
         return result
 
-    def _perform(self, effect: flow.Effect[Any]) -> Any:
+    def _perform(self, effect: flow.Effect[Any], caller: bool) -> Any:
         store = self._store
         match effect:
             case flow.Exchange():
@@ -399,7 +406,8 @@ class SharedTokenProvider(ProviderExtras):
             case flow.Release(lock=lock, error_code=code, holdoff_ms=ms, credentials=creds):
                 return self._redis(store.release, lock, code, ms, creds)
             case flow.Wait(timeout=timeout, min_ttl_ms=min_ttl_ms, replacing=replacing):
-                offer = self._keep_subscription
+                # Only a caller's flow hands its subscription on (_join_after_obtaining).
+                offer = self._keep_subscription if caller else None
                 return self._redis(store.wait, timeout, min_ttl_ms, replacing, offer)
         raise TypeError(f"unknown effect {effect!r}")  # pragma: no cover
 
