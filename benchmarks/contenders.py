@@ -68,12 +68,13 @@ def fetch_token(session: requests.Session, base_url: str) -> tuple[str, int]:
 class Library:
     """This library, configured as a user would: defaults, plus the benchmark's namespace."""
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, redis_client: Any = None) -> None:
+        self._redis = redis_client
         self._provider = SharedTokenProvider(
             client_id=DEFAULT_CLIENT_ID,
             client_secret=DEFAULT_CLIENT_SECRET,
             base_url=target.base_url,
-            redis=target.redis_url,
+            redis=target.redis_url if redis_client is None else redis_client,
             key_prefix=target.prefix,
             lock_lease=LOCK_LEASE,
         )
@@ -83,28 +84,15 @@ class Library:
 
     def close(self) -> None:
         self._provider.close()
+        if self._redis is not None:
+            self._redis.close()
 
 
-class LibraryUserClient:
+class LibraryUserClient(Library):
     """The library given a client built the way a user builds one: redis-py's defaults."""
 
     def __init__(self, target: Target) -> None:
-        self._redis = redis.Redis.from_url(target.redis_url)
-        self._provider = SharedTokenProvider(
-            client_id=DEFAULT_CLIENT_ID,
-            client_secret=DEFAULT_CLIENT_SECRET,
-            base_url=target.base_url,
-            redis=self._redis,
-            key_prefix=target.prefix,
-            lock_lease=LOCK_LEASE,
-        )
-
-    def get_token(self) -> str:
-        return self._provider.get_token()
-
-    def close(self) -> None:
-        self._provider.close()
-        self._redis.close()
+        super().__init__(target, redis.Redis.from_url(target.redis_url))
 
 
 def warm_key(target: Target) -> str:
