@@ -211,6 +211,22 @@ def one_timeout_slack(redis_timeout: float) -> float:
     return min(0.5, 0.8 * redis_timeout)
 
 
+def behind_the_proxy(
+    make_provider: Make, proxy: TcpProxy, redis_timeout: float, **options: Any
+) -> SharedTokenProvider:
+    """A provider whose Redis is reached through ``proxy``, so a test can black-hole it. The
+    backplane is off: its reconnections have their own backoff, off the callers' path, and
+    would muddy the proxy's count of dials."""
+    return make_provider(
+        redis=f"redis://127.0.0.1:{proxy.port}/0",
+        redis_timeout=redis_timeout,
+        redis_cooldown=COOLDOWN,
+        local_max_age=LOCAL_MAX_AGE,
+        backplane=False,
+        **options,
+    )
+
+
 @pytest.mark.parametrize("local_cache", [True, False])
 @pytest.mark.parametrize("redis_timeout", [1.0, 0.25])
 def test_a_black_holed_redis_costs_the_first_call_one_timeout_and_later_calls_none(
@@ -222,16 +238,8 @@ def test_a_black_holed_redis_costs_the_first_call_one_timeout_and_later_calls_no
 ) -> None:
     """A command that meets a partition is not retried (redis-py retries timeouts by default,
     and a fresh connection's health-check PING retries on its own): one timeout, one dial, then
-    the exchange; within the cooldown no call dials Redis again. The backplane is off: its
-    reconnections have their own backoff, off the callers' path, and would muddy the count."""
-    provider = make_provider(
-        redis=f"redis://127.0.0.1:{proxy.port}/0",
-        redis_timeout=redis_timeout,
-        redis_cooldown=COOLDOWN,
-        local_max_age=LOCAL_MAX_AGE,
-        local_cache=local_cache,
-        backplane=False,
-    )
+    the exchange; within the cooldown no call dials Redis again."""
+    provider = behind_the_proxy(make_provider, proxy, redis_timeout, local_cache=local_cache)
     proxy.blackhole()
     started = time.monotonic()
     first = provider.get()
@@ -263,13 +271,7 @@ def test_a_partition_during_the_exchange_costs_the_publish_one_timeout_and_nothi
     """The lock was taken while Redis answered; the partition starts while K2 is asked. The
     publish times out once, the token is kept in this process, and the flow does not go back
     to Redis (no retried publish, no release) before it returns."""
-    provider = make_provider(
-        redis=f"redis://127.0.0.1:{proxy.port}/0",
-        redis_timeout=redis_timeout,
-        redis_cooldown=COOLDOWN,
-        local_max_age=LOCAL_MAX_AGE,
-        backplane=False,
-    )
+    provider = behind_the_proxy(make_provider, proxy, redis_timeout)
     fake_k2.pause_tokens()
     results: list[AccessToken] = []
     caller = threading.Thread(target=lambda: results.append(provider.get()))
