@@ -6,10 +6,12 @@ and on a 2-core machine every import in 64 children is seconds of start-up.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -79,6 +81,40 @@ def load_average() -> str:
         return " / ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "unknown"
+
+
+def run_standalone(
+    name: str,
+    run: Callable[[RunConfig, argparse.Namespace], SectionResult],
+    argv: list[str] | None = None,
+    *,
+    quick_help: str = "a shorter run",
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """A section's standalone entry, ``python -m benchmarks.<name> [--quick] ...``: parse the
+    arguments (``--quick`` and whatever ``add_arguments`` adds), run the section alone and
+    write it to ``benchmarks/results/<name>.md`` with its provenance; the index, README.md,
+    is left to ``python -m benchmarks``. ``run`` gets the config and the parsed arguments."""
+    prog = f"python -m benchmarks.{name}"
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    load_at_start = load_average()
+    result = run(RunConfig(quick=args.quick, out_dir=RESULTS_DIR), args)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    shown = " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
+    provenance = (
+        f"Written {stamp} by `{shown}` (this section alone); machine: [README.md](README.md); "
+        f"load average 1/5/15 min at start {load_at_start}, at end {load_average()} (the "
+        "machine is shared: other processes' CPU shows up in every figure here)."
+    )
+    (RESULTS_DIR / f"{name}.md").write_text(result.document(provenance))
+    print(result.markdown)
+    print("\n".join(result.verdict_lines()))
+    return 0
 
 
 # --------------------------------------------------------------------------- formatting

@@ -37,13 +37,13 @@ import redis
 import requests
 
 from benchmarks.common import (
-    RESULTS_DIR,
     RunConfig,
     SectionResult,
     Verdict,
     command_stats,
     fmt_ms,
     md_table,
+    run_standalone,
     stats_delta,
 )
 from k2_shared_token import ProviderRegistry
@@ -379,21 +379,14 @@ def _report(f: Figures) -> SectionResult:
     return SectionResult("namespaces", f"Namespaces ({n} in one Redis)", body, verdicts)
 
 
-def main() -> int:
-    """Standalone entry: this section only, written to benchmarks/results/namespaces.md (the
-    index, README.md, is left to ``python -m benchmarks``)."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    quick = "--quick" in sys.argv[1:]
-    result = run(RunConfig(quick=quick, out_dir=RESULTS_DIR))
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    provenance = (
-        f"Written {stamp} by `python -m benchmarks.namespaces{' --quick' if quick else ''}` "
-        "(this section alone); machine: [README.md](README.md)."
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry: this section only, written to benchmarks/results/namespaces.md."""
+    return run_standalone(
+        "namespaces",
+        lambda config, _args: run(config),
+        argv,
+        quick_help=f"{N_QUICK} namespaces (default {N_FULL})",
     )
-    (RESULTS_DIR / "namespaces.md").write_text(result.document(provenance))
-    print(result.markdown)
-    print("\n".join(result.verdict_lines()))
-    return 0
 
 
 if __name__ == "__main__":

@@ -85,14 +85,13 @@ import redis
 
 from benchmarks.common import (
     CTX,
-    RESULTS_DIR,
     RunConfig,
     SectionResult,
     Verdict,
     command_stats,
     fmt_us,
-    load_average,
     md_table,
+    run_standalone,
     spawned,
     stats_delta,
 )
@@ -801,28 +800,23 @@ def _report(f: Figures) -> SectionResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry: this section only, written to benchmarks/results/tenants.md (the
-    index, README.md, is left to ``python -m benchmarks``)."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.tenants")
-    parser.add_argument("--quick", action="store_true", help=f"{N_QUICK} tenants")
-    parser.add_argument(
-        "--tenants", type=int, default=None, help=f"how many (default {N_FULL}, quick {N_QUICK})"
+    """Standalone entry: this section only, written to benchmarks/results/tenants.md."""
+
+    def tenants_option(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--tenants",
+            type=int,
+            default=None,
+            help=f"how many (default {N_FULL}, quick {N_QUICK})",
+        )
+
+    return run_standalone(
+        "tenants",
+        lambda config, args: run(config, args.tenants),
+        argv,
+        quick_help=f"{N_QUICK} tenants",
+        add_arguments=tenants_option,
     )
-    args = parser.parse_args(argv)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    load_at_start = load_average()
-    result = run(RunConfig(quick=args.quick, out_dir=RESULTS_DIR), args.tenants)
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    shown = " ".join(["python -m benchmarks.tenants", *(argv or sys.argv[1:])])
-    provenance = (
-        f"Written {stamp} by `{shown}` (this section alone); machine: [README.md](README.md); "
-        f"load average 1/5/15 min at start {load_at_start}, at end {load_average()} (the "
-        "machine is shared: other processes' CPU shows up in every figure here)."
-    )
-    (RESULTS_DIR / "tenants.md").write_text(result.document(provenance))
-    print(result.markdown)
-    print("\n".join(result.verdict_lines()))
-    return 0
 
 
 if __name__ == "__main__":
