@@ -273,7 +273,8 @@ class DoorkeeperServer:
         raise error
 
     def _wait_up(self, started: float, log: Path) -> None:
-        """Poll until ``/__counts`` answers: puma offers nothing to wait on (``--quiet``)."""
+        """Poll until ``/__counts`` answers: puma offers nothing to wait on (``--quiet``).
+        Between probes the wait is on the process itself, so an exit ends it at once."""
         proc = self._proc
         assert proc is not None
         deadline = started + self.boot_timeout
@@ -291,7 +292,8 @@ class DoorkeeperServer:
                     f"the Doorkeeper server did not answer within {self.boot_timeout:.0f} s:\n"
                     + _tail(log)
                 )
-            time.sleep(0.05)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.05)  # still booting; an exit is seen at the top
 
     def _end_process(self) -> None:
         """SIGTERM (puma shuts down gracefully), then SIGKILL: the process we started, by PID."""
