@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -102,6 +103,10 @@ class WorkerReport:
     crashes: list[str] = field(default_factory=list)  # exceptions no code caught (any thread)
     reprs: list[str] = field(default_factory=list)
     events: list[tuple[float, str]] = field(default_factory=list)  # provider hook events
+    # fingerprint -> the earliest expiry (monotonic) the library reported for that token, from
+    # AccessToken.expires_at: the library retires a token at its own horizon, which is earlier
+    # than K2's by the exchange's transit, so the judge needs it to tell errors apart.
+    horizons: dict[str, float] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
     fatal: str | None = None  # set when the worker could not run at all
 
@@ -236,6 +241,7 @@ def load_worker(job: LoadJob, index: int) -> None:
 
     def run() -> None:
         mine: list[CallRecord] = []
+        horizons: dict[str, float] = {}
         session = requests.Session()
         session.auth = provider.auth()
         try:
@@ -253,6 +259,9 @@ def load_worker(job: LoadJob, index: int) -> None:
                 token = provider.get()
                 fingerprint = fingerprint_of(token.value)
                 job.counters[base + LAST_TOKEN] = fingerprint_number(fingerprint)
+                horizon = token.expires_at - time.time() + time.monotonic()
+                if horizon < horizons.get(fingerprint, math.inf):
+                    horizons[fingerprint] = horizon
                 mine.append(
                     CallRecord(
                         "get", wall, started, time.monotonic(), "ok", fingerprint, 0, False, ""
@@ -269,6 +278,10 @@ def load_worker(job: LoadJob, index: int) -> None:
         session.close()
         with lock:
             report.calls.extend(mine)
+            for fingerprint, horizon in horizons.items():
+                report.horizons[fingerprint] = min(
+                    horizon, report.horizons.get(fingerprint, math.inf)
+                )
             if token is not None:
                 last_tokens.append(token)
 
