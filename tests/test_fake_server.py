@@ -61,6 +61,20 @@ def make_server() -> Iterator[Callable[..., FakeK2Server]]:
         srv.stop()
 
 
+class OffsetClock:
+    """A monotonic clock that :meth:`advance` moves forward: the server's tokens lapse on it
+    without the test sleeping out their lifetime."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
 def post_token(srv: FakeK2Server, data: Any = None, **kwargs: Any) -> requests.Response:
     kwargs.setdefault("timeout", TIMEOUT)
     body = GOOD if data is None and "json" not in kwargs else data
@@ -258,7 +272,8 @@ def test_reuse_mode_repeats_the_live_token_then_issues_after_expiry(
 ) -> None:
     other_id, other_secret = "second-client", "second-secret"
     clients = {ID: SECRET, other_id: other_secret}
-    srv = make_server(token_mode="reuse", expires_in=2, clients=clients)
+    clock = OffsetClock()
+    srv = make_server(token_mode="reuse", expires_in=2, clients=clients, clock=clock)
     first = post_token(srv).json()
     again = post_token(srv).json()
     assert again["access_token"] == first["access_token"]
@@ -268,9 +283,10 @@ def test_reuse_mode_repeats_the_live_token_then_issues_after_expiry(
     assert new_token(srv, other_id, other_secret) != first["access_token"]
     assert [r.reused for r in srv.issued] == [False, True, False]
 
-    # Wait on the server's own clock for the token to lapse.
+    # Move the server's clock past the token's end.
     record = srv.issued[0]
-    time.sleep(max(0.0, record.issued_at + record.expires_in - time.monotonic()) + 0.02)
+    assert srv.is_valid(first["access_token"])
+    clock.advance(record.issued_at + record.expires_in - clock() + 0.001)
     assert not srv.is_valid(first["access_token"])
     third = post_token(srv).json()
     assert third["access_token"] != first["access_token"]
@@ -412,11 +428,12 @@ def test_introspection_times_as_doorkeeper_integers(
 def test_token_info_rounds_like_doorkeeper_and_reads_every_token_place(
     make_server: Callable[..., FakeK2Server],
 ) -> None:
-    srv = make_server(expires_in=2)
+    clock = OffsetClock()
+    srv = make_server(expires_in=2, clock=clock)
     token = new_token(srv)
     assert token_info(srv, token).json()["expires_in"] in (1, 2)
-    # 0.4 s left (on the server's own clock): Doorkeeper rounds to 0 while the token works.
-    time.sleep(max(0.0, srv.issued[-1].issued_at + 1.6 - time.monotonic()))
+    # Under 0.4 s left (on the server's clock): Doorkeeper rounds to 0 while the token works.
+    clock.advance(srv.issued[-1].issued_at + 1.6 - clock())
     assert srv.is_valid(token)
     assert token_info(srv, token).json()["expires_in"] == 0
     srv.expires_in = 60

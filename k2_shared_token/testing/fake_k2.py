@@ -212,8 +212,9 @@ class Fault:
 class IssuedRecord:
     """One successful token reply, kept so tests can reason about what each client was told.
 
-    ``issued_at`` is ``time.monotonic()`` at reply time, the same clock the server uses for
-    expiry, so ``issued_at + expires_in`` is comparable with the server's own notion.
+    ``issued_at`` is the server's clock at reply time (``time.monotonic()`` unless it was given
+    another), the clock it judges expiry on, so ``issued_at + expires_in`` is comparable with the
+    server's own notion.
     """
 
     token: str = field(repr=False)  # tokens never end up in logs or assertion messages
@@ -289,7 +290,10 @@ class FakeK2Server:
         host: str = "127.0.0.1",
         port: int = 0,
         listen_all: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock``: the monotonic clock tokens are issued and expire on; a test that must see
+        a token lapse moves a clock of its own forward instead of sleeping out the lifetime."""
         # A test double should not be reachable from a network; the one exception is a
         # container (docker-compose), where other containers must reach it by name.
         if listen_all:
@@ -312,6 +316,7 @@ class FakeK2Server:
             "introspection_times", introspection_times, INTROSPECTION_TIME_FORMATS
         )
         self._legacy_errors = bool(legacy_errors)
+        self._clock = clock
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -576,7 +581,7 @@ class FakeK2Server:
     def is_valid(self, token: str) -> bool:
         with self._lock:
             record = self._tokens.get(token)
-            return record is not None and record.live(time.monotonic())
+            return record is not None and record.live(self._clock())
 
     def wait_for_token_requests(self, n: int, timeout: float = 5.0) -> bool:
         """Block until ``n`` token requests have arrived; wakes on each arrival, never polls."""
@@ -683,7 +688,7 @@ class FakeK2Server:
 
     def _issue(self, client_id: str) -> dict[str, Any]:
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             mine = self._client_tokens.setdefault(client_id, [])
             mine[:] = [t for t in mine if t.live(now)]
             if self._mode == "reuse" and mine:
@@ -748,7 +753,7 @@ class FakeK2Server:
         with self._lock:
             record = self._tokens.get(params.get("token", ""))
             # Doorkeeper's default allow_token_introspection hides other clients' tokens.
-            if record is None or record.client_id != client_id or not record.live(time.monotonic()):
+            if record is None or record.client_id != client_id or not record.live(self._clock()):
                 return _json_reply(200, {"active": False})
             exp_wall, iat_wall = record.created_wall + record.lifetime, record.created_wall
             # K2 customises Doorkeeper here: ISO strings in EAT instead of RFC 7662 ints.
@@ -766,7 +771,7 @@ class FakeK2Server:
     def _token_info_reply(self, token: str | None) -> _Reply:
         with self._lock:
             record = self._tokens.get(token) if token else None
-            now = time.monotonic()
+            now = self._clock()
             # Doorkeeper's InvalidTokenResponse checks revoked before expired.
             if record is None:
                 description = _DESC_UNKNOWN
@@ -794,7 +799,7 @@ class FakeK2Server:
         with self._lock:
             self._api_requests += 1
             record = self._tokens.get(token) if token else None
-            if record is not None and record.live(time.monotonic()):
+            if record is not None and record.live(self._clock()):
                 return _json_reply(200, {"ok": True, "path": path})
             self._api_unauthorized += 1
             expired = record is not None and not record.revoked
