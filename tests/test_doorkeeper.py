@@ -200,7 +200,6 @@ def test_doorkeepers_success_reply_with_integer_created_at_is_accepted(
 
 
 REVOKE_LIFETIME = 60  # no rollover during the run: the only new token is the revoke's
-REVOKE_AFTER = 2.0  # the fleet is warm
 AFTER_REVOKE = 3.0
 REVOKE_TARGET = 0.1  # every process stops sending the revoked token within 100 ms
 
@@ -209,16 +208,16 @@ def test_revoke_stops_a_4_process_fleet_sending_the_token_within_100_ms_with_one
     doorkeeper: Start, redis_server: EmbeddedRedis
 ) -> None:
     """Issue 11's Done-when for ``revoke()``: a warm 4-process fleet (default mode, 60 s
-    tokens); after 2 s this process revokes the shared token with its own provider. Per
-    process, the last request that carried the revoked token (``sent``: the workers' adapter
-    notes every request, retries too) goes out at most 100 ms after ``revoke()`` returned
+    tokens); once every process has had a call end 200 with its backplane listening, this
+    process revokes the shared token with its own provider. Per process, the last request that
+    carried the revoked token (``sent``: the workers' adapter notes every request, retries too)
+    goes out at most 100 ms after ``revoke()`` returned
     (those sent before count as 0); the fleet then makes exactly one token request, and no call
     fails (a 401 on the revoked token is retried by ``auth()`` and ends 200)."""
     dk = start(doorkeeper, expires_in=REVOKE_LIFETIME)
     kwargs = fleet_kwargs(dk, redis_server.url)
 
     def revoke(started: float) -> tuple[float, float, bool]:
-        time.sleep(REVOKE_AFTER)
         provider = SharedTokenProvider(**kwargs)
         try:
             before = time.time()
@@ -396,11 +395,12 @@ def test_revoke_previous_with_redis_down_for_10_s_starts_no_revocation_war(
     doorkeeper: Start, redis_server: EmbeddedRedis
 ) -> None:
     """Revoke-previous while Redis is down: 4 processes started 0.5 s apart, Redis killed
-    once they are all warm and restarted on the same port 10 s later, 5 s more of load. Each
-    process's fallback exchange revokes the others' tokens; the Done-when targets: at most 20
-    token requests, no hold-off over 2 s from ``invalid_token_reuse``, the calls that end on a
-    401 bounded by the exchanges (not the request rate), and one shared token again within
-    ``redis_cooldown`` plus one exchange after Redis returns."""
+    once they are all warm (each has had a call end 200, its backplane listening) and restarted
+    on the same port 10 s later, 5 s more of load. Each process's fallback exchange revokes the
+    others' tokens; the Done-when targets: at most 20 token requests, no hold-off over 2 s from
+    ``invalid_token_reuse``, the calls that end on a 401 bounded by the exchanges (not the
+    request rate), and one shared token again within ``redis_cooldown`` plus one exchange after
+    Redis returns."""
     dk = start(doorkeeper, expires_in=LIFETIME, revoke_previous=True)
     kwargs = fleet_kwargs(
         dk, redis_server.url, redis_cooldown=REDIS_COOLDOWN, redis_timeout=REDIS_TIMEOUT
@@ -408,9 +408,7 @@ def test_revoke_previous_with_redis_down_for_10_s_starts_no_revocation_war(
     watch = HoldoffWatch(redis_server.url, keys_for(kwargs).backoff).start()
 
     def outage(started: float) -> tuple[float, float]:
-        # Warm: the last process started (3 x 0.5 s) and made its calls for a second.
-        time.sleep(STAGGER * (PROCESSES - 1) + 1.0)
-        redis_server.kill()
+        redis_server.kill()  # the fleet is warm: every process, the last started too
         down_at = time.time()
         time.sleep(OUTAGE)
         redis_server.start()

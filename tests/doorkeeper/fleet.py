@@ -124,15 +124,18 @@ def run_ping_fleet(
     """Start ``processes`` ``ping_worker`` children (spawned: clean interpreters, like pods) on
     ``dk``'s ``/api/ping``, let them load it for ``seconds`` (worker ``i`` starting ``i *
     stagger`` seconds after the others are ready) or, if given, for as long as
-    ``during(started)`` runs in this process, then stop them and collect their reports and the
-    server's counters. Every child is joined, and killed (by its PID) if it hangs."""
+    ``during(started)`` runs in this process, called once every worker has had a call end 200
+    (the fleet is warm), then stop them and collect their reports and the server's counters.
+    Every child is joined, and killed (by its PID) if it hangs."""
     barrier = CTX.Barrier(processes + 1)
     stop = CTX.Event()
     results = CTX.Queue()
+    warm = CTX.Semaphore(0)
     url = f"{dk.base_url}/api/ping"
     children = [
         CTX.Process(
-            target=ping_worker, args=(kwargs, url, barrier, stop, results, pause, i * stagger)
+            target=ping_worker,
+            args=(kwargs, url, barrier, stop, results, warm, pause, i * stagger),
         )
         for i in range(processes)
     ]
@@ -145,6 +148,9 @@ def run_ping_fleet(
         if during is None:
             time.sleep(seconds)  # the load phase itself, not an ordering
         else:
+            for _ in children:
+                if not warm.acquire(timeout=60):
+                    raise AssertionError("a worker never had a call end 200 within 60 s")
             extra = during(started)
         stop.set()
         ended = time.time()

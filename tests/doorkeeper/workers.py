@@ -87,11 +87,14 @@ def ping_worker(
     barrier: Any,
     stop: Any,
     results: Any,
+    warm: Any,
     pause: float,
     delay: float = 0.0,
 ) -> None:
     """Call ``url`` through ``provider.auth()`` from the barrier (plus ``delay`` seconds) until
-    ``stop`` is set, and put one report on ``results``:
+    ``stop`` is set, release ``warm`` (a semaphore) once a call has ended 200 with the fleet
+    backplane listening (so an announcement from now on reaches this process), and put one
+    report on ``results``:
 
     - ``calls``, ``failures`` (calls that did not end in a 200, with why), ``retried_401``
       (first answers that were 401s, which ``auth()`` retried once);
@@ -125,6 +128,7 @@ def ping_worker(
     ended_401: list[list[Any]] = []
     errors: list[dict[str, Any]] = []
     error_summary: dict[str, list[Any]] = {}  # "type/error" -> [count, longest retry_after]
+    warmed, listening = False, not provider.settings.backplane
     barrier.wait(60)
     if delay > 0:
         time.sleep(delay)  # a staggered start: this process begins its load later
@@ -161,6 +165,9 @@ def ping_worker(
                 first = _fingerprint(reply.history[0].request.headers.get("Authorization"), cache)
                 retried_calls.append([began, first, fp, status])
             if status == 200:
+                if not warmed and (listening or provider.stats()["backplane"]):
+                    warm.release()
+                    warmed = True
                 if runs and runs[-1][0] == fp:
                     runs[-1][2] = ended
                     runs[-1][3] += 1
