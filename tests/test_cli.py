@@ -59,6 +59,28 @@ def test_status_shows_token_lock_and_last_exchange(
     assert token not in table + json.dumps(status)
 
 
+def test_the_key_prefix_comes_from_the_environment_unless_a_flag_says_otherwise(
+    redis_server: EmbeddedRedis, fake_k2: FakeK2Server, make_provider: Make,
+    redis_client: redis.Redis, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """``K2_KEY_PREFIX`` names the keys every command works on, as it does for ``from_env()``:
+    a CLI looking at the default prefix would see an empty namespace and exchange anew."""
+    monkeypatch.setenv("K2_KEY_PREFIX", "tenant-a")
+    provider = make_provider(key_prefix="tenant-a")
+    token = provider.get_token()
+    assert main(["get", *flags(redis_server, fake_k2)]) == 0
+    assert capsys.readouterr().out.strip() == token
+    assert fake_k2.exchanges == 1
+    status = ["status", "--json", *flags(redis_server, fake_k2, secret=False)]
+    assert main(status) == 0
+    assert json.loads(capsys.readouterr().out)["token"] is not None
+    # The flag wins: the default prefix's namespace holds nothing.
+    assert main([*status, "--key-prefix", "k2"]) == 0
+    assert json.loads(capsys.readouterr().out)["token"] is None
+    assert not redis_client.keys("k2:*")
+
+
 def test_invalidate_compare_and_delete_then_force(
     redis_server: EmbeddedRedis, fake_k2: FakeK2Server, make_provider: Make,
     redis_client: redis.Redis, capsys: pytest.CaptureFixture[str],

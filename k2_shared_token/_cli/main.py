@@ -35,6 +35,7 @@ from .._core.settings import (
     knobs,
     namespace_for,
     normalise_base_url,
+    setting_from_env,
 )
 from .._redis import crypto
 from .._version import __version__
@@ -75,7 +76,7 @@ def _config_flags(parser: argparse.ArgumentParser, *, secret: bool) -> None:
         default=env("K2_REDIS_URL") or env("REDIS_URL") or DEFAULT_REDIS_URL,
         help="default: $K2_REDIS_URL, else $REDIS_URL",
     )
-    parser.add_argument("--key-prefix", default="k2")
+    parser.add_argument("--key-prefix", default=None, help="default: $K2_KEY_PREFIX, else k2")
 
 
 def _store(args: argparse.Namespace) -> RedisStore:
@@ -88,7 +89,8 @@ def _store(args: argparse.Namespace) -> RedisStore:
         raise ConfigurationError("K2_CLIENT_ID (or --client-id) must be set")
     base_url = normalise_base_url(args.base_url, allow_insecure_http=True)
     namespace = namespace_for(base_url, args.client_id)
-    keys = Keys.for_namespace(args.key_prefix, namespace)
+    prefix = args.key_prefix or setting_from_env("key_prefix", os.environ)
+    keys = Keys.for_namespace(prefix, namespace)
     keys_env = crypto.keys_from_env(os.environ.get(crypto.ENV_KEYS, ""))
     cipher = crypto.TokenCipher(keys_env, keys.token) if keys_env else None
     return RedisStore(

@@ -323,16 +323,28 @@ def options_from_env(env: Mapping[str, str], overrides: Mapping[str, Any]) -> di
     for f in knobs():
         raw = env.get(env_name(f), "")
         if raw.strip():
-            try:
-                kwargs[f.name] = _kind(f).parse(raw)
-            except ConfigurationError as exc:
-                raise ConfigurationError(f"{env_name(f)}: {exc}") from None
+            kwargs[f.name] = _parse_env(f, raw)
     kwargs.update(overrides)
     missing = [n for n in ("client_id", "client_secret") if not kwargs.get(n)]
     if missing:
         names = " and ".join(env_name(Settings.__dataclass_fields__[n]) for n in missing)
         raise ConfigurationError(f"{names} must be set (environment or keyword argument)")
     return kwargs
+
+
+def setting_from_env(name: str, env: Mapping[str, str]) -> Any:
+    """One setting as :func:`options_from_env` reads it (its variable, else its default), for
+    a command that needs it without the credentials."""
+    f = Settings.__dataclass_fields__[name]
+    raw = env.get(env_name(f), "")
+    return _parse_env(f, raw) if raw.strip() else f.default
+
+
+def _parse_env(f: Field[Any], raw: str) -> Any:
+    try:
+        return _kind(f).parse(raw)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{env_name(f)}: {exc}") from None
 
 
 def configuration_table() -> str:
