@@ -8,7 +8,9 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
+import httpx
 import pytest
 import redis
 import requests
@@ -546,3 +548,31 @@ def test_a_child_forked_mid_refresh_inherits_no_lock_and_no_pending_refresh(
         fake_k2.resume_tokens()
     assert provider.wait_for_refresh(5)
     assert provider.get_token() != old
+
+
+@pytest.mark.parametrize("status", [307, 308])
+def test_a_redirect_from_k2_is_never_followed_even_by_a_users_client(
+    fake_k2: FakeK2Server, make_provider: Make, side: str, status: int
+) -> None:
+    """A 307 or 308 re-posts the form wherever it points: the client secret would go to
+    another host (for revoke, the token too). Neither side follows one, even through a user's
+    client that follows redirects (requests' default; httpx's when asked)."""
+    with FakeK2Server() as elsewhere:
+        session: Any = (
+            requests.Session() if side == "sync" else httpx.AsyncClient(follow_redirects=True)
+        )
+        location = {"Location": f"{elsewhere.base_url}/oauth/token"}
+        fake_k2.inject(Fault.status(status, headers=location))
+        provider = make_provider(session=session, max_attempts=1)
+        try:
+            with pytest.raises(TokenEndpointError) as caught:
+                provider.get_token()
+        finally:
+            provider.close()
+            if side == "sync":
+                session.close()
+            else:
+                provider._loop.run(session.aclose())
+        assert elsewhere.token_requests == 0
+        assert fake_k2.token_requests == 1
+        assert CLIENT_SECRET not in str(caught.value)

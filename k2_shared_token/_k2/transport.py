@@ -232,12 +232,15 @@ class AsyncTransport:
         connect, read = timeout
         try:
             timeouts = httpx.Timeout(read, connect=connect)
+            # follow_redirects here as well as on our own client: a user's client may follow
+            # them, and a 307 would re-post the secret (or the token) wherever it points.
             async with self._http().stream(
                 method,
                 url,
                 data=dict(data) if data is not None else None,
                 headers=dict(headers),
                 timeout=timeouts,
+                follow_redirects=False,
             ) as response:
                 body = b""
                 async for chunk in response.aiter_bytes():
