@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from k2_shared_token._redis.codec import (
     MAX_LIFETIME,
     MAX_TOKEN_CHARS,
+    RELEASED,
     Announcement,
     CorruptValueError,
     StoredToken,
@@ -235,6 +236,12 @@ def test_empty_failure_announcement_has_empty_code() -> None:
     assert decode_announcement(b"E") == Announcement(None, 0, "")
 
 
+def test_a_lock_given_back_is_its_own_announcement() -> None:
+    assert decode_announcement(RELEASED.encode()) == Announcement(None, 0, None, released=True)
+    with pytest.raises(CorruptValueError):
+        decode_announcement(RELEASED.encode() + b"x")
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -311,9 +318,10 @@ def test_decode_announcement_returns_announcement_or_raises_corrupt(raw: bytes) 
     except CorruptValueError:
         return
     assert isinstance(ann, Announcement)
-    # Exactly one kind: a token, a failure, a dropped token or an exchange under way.
+    # Exactly one kind: a token, a failure, a dropped token, an exchange under way or a lock
+    # given back.
     kinds = [ann.stored is not None, ann.error_code is not None, ann.dropped is not None,
-             ann.replacing]  # fmt: skip
+             ann.replacing, ann.released]  # fmt: skip
     assert kinds.count(True) == 1
     assert ann.ttl_ms >= 0
 

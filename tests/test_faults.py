@@ -157,7 +157,8 @@ class RequestClock:
 class Heard(NamedTuple):
     at: float  # time.monotonic() when this process received it
     key: str  # "channel", or the key a keyspace notification is about
-    kind: str  # "T" (token announced), "E" (holder failed), or the keyspace event (set, del...)
+    kind: str  # "T" (token announced), "E" (holder failed), "R" (lock given back), or the
+    # keyspace event (set, del...)
     code: str = ""  # E: the error code
     holdoff_ms: int = 0  # E: the fleet's hold-off
     fence: int = 0  # T: the writer's fencing number
@@ -220,6 +221,8 @@ class ChannelMonitor:
         if key != "channel":
             return Heard(now, key, data.decode())
         ann = codec.decode_announcement(data)
+        if ann.released:
+            return Heard(now, key, "R")
         if ann.stored is None:
             return Heard(now, key, "E", ann.error_code or "", ann.holdoff_ms)
         stored = ann.stored

@@ -39,7 +39,7 @@ from k2_shared_token._redis.layout import Keys
 from k2_shared_token.testing.fake_k2 import FakeK2Server
 from k2_shared_token.testing.redis_server import EmbeddedRedis
 from tests.both_ways import EventLoopThread, maker
-from tests.conftest import provider_kwargs
+from tests.conftest import provider_kwargs, wait_until
 
 Make = Callable[..., SharedTokenProvider]
 
@@ -169,6 +169,63 @@ def test_an_interrupted_leader_thread_fails_no_follower_and_frees_the_lock(
     assert len(tokens) == 1 and len(outcomes) == 6
     # The interrupted leader gave its lock back: the next leader did not sit out the lease.
     assert fake_k2.exchanges == 1
+
+
+class _InterruptWhenTold(requests.Session):
+    """A session whose exchange waits inside the request until ``go`` is set, then is
+    interrupted there (Ctrl-C, a gevent Timeout), while another process waits for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside, self.go = threading.Event(), threading.Event()
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        self.inside.set()
+        self.go.wait(10)
+        raise KeyboardInterrupt
+
+
+def test_a_lock_given_back_by_an_interrupted_holder_wakes_the_other_processes_at_once(
+    redis_server: EmbeddedRedis, fake_k2: FakeK2Server, make_provider: Make,
+    redis_client: redis.Redis,
+) -> None:  # fmt: skip
+    """The interrupted holder gives its lock back without a token; that is announced, so a
+    process already waiting on the channel tries for the lock at once instead of sitting out
+    the rest of the lease (it has heard neither a token nor a failure)."""
+    lease = 10.0
+    session = _InterruptWhenTold()
+    holder = SharedTokenProvider(
+        **kwargs(redis_server, fake_k2, lock_lease=lease), session=session
+    )
+    waiter = make_provider(lock_lease=lease)
+    seen: dict[str, Any] = {}
+
+    def call(name: str, provider: Any) -> None:
+        try:
+            seen[name] = provider.get_token()
+        except BaseException as exc:
+            seen[name] = exc
+
+    holding = threading.Thread(target=call, args=("holder", holder))
+    holding.start()
+    assert session.inside.wait(5)
+    waiting = threading.Thread(target=call, args=("waiter", waiter))
+    waiting.start()
+    channel = holder.keys.channel
+    wait_until(
+        lambda: redis_client.pubsub_numsub(channel)[0][1] >= 1, 5, "the waiter's subscription"
+    )
+    released_at = time.monotonic()
+    session.go.set()
+    holding.join(10)
+    waiting.join(lease)
+    took = time.monotonic() - released_at
+    holder.close()
+    assert isinstance(seen["holder"], KeyboardInterrupt), seen
+    assert isinstance(seen.get("waiter"), str), seen
+    assert fake_k2.exchanges == 1  # the waiter's own, once the lock was free
+    print(f"\n[release] the waiter held its token {took * 1e3:.1f} ms after the interruption")
+    assert took < lease / 2
 
 
 # -- 2. early refresh without the local cache --------------------------------------------------

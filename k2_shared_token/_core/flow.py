@@ -98,8 +98,9 @@ class Release(Effect[None]):
 
 @dataclass(frozen=True)
 class Wait(Effect[WaitOutcome]):
-    """Block until a token is announced, the lock holder reports failure, or ``timeout`` ends.
-    The driver re-reads the token after subscribing, so an announcement cannot be missed."""
+    """Block until a token is announced, the lock holder reports failure or gives the lock back
+    without a token, or ``timeout`` ends. The driver re-reads the token after subscribing, so
+    an announcement cannot be missed."""
 
     timeout: float
     min_ttl_ms: int

@@ -140,6 +140,10 @@ class Announcement:
     holdoff_ms: int = 0  # with a failure: how long the fleet will not ask K2 again
     dropped: str | None = None  # the digest of a token invalidated or revoked: drop it
     replacing: bool = False  # an exchange began, and K2 revokes the previous token on issue
+    released: bool = False  # the lock was given back without a token: a waiter tries again now
+
+
+RELEASED = "R"  # the announcement of a lock given back with neither token nor failure
 
 
 def announce_failure(code: str, holdoff_ms: int = 0) -> str:
@@ -157,6 +161,8 @@ def decode_announcement(raw: bytes, cipher: TokenCipher | None = None) -> Announ
             return Announcement(decode(value, cipher), int(ttl), None)
     if raw == b"X":
         return Announcement(None, 0, None, replacing=True)
+    if raw == RELEASED.encode():
+        return Announcement(None, 0, None, released=True)
     if raw.startswith(b"D") and _DIGEST.fullmatch(raw[1:]):
         return Announcement(None, 0, None, dropped=raw[1:].decode("ascii"))
     raise CorruptValueError("not a k2_shared_token announcement")

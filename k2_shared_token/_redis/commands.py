@@ -270,7 +270,9 @@ class Namespace:
     def release(
         self, lock: LockAttempt, error_code: str, holdoff_ms: int = 0, credentials: bool = False
     ) -> Call[bool]:
-        message = codec.announce_failure(error_code, holdoff_ms) if error_code else ""
+        # Announced either way: a waiter would otherwise sit out the rest of the lease for a
+        # lock given back without a token (an interrupted holder, an expired reply).
+        message = codec.announce_failure(error_code, holdoff_ms) if error_code else codec.RELEASED
         holdoff = ""
         if error_code and holdoff_ms > 0:
             holdoff = f"{error_code}:{self.credentials if credentials else ''}"
@@ -299,7 +301,7 @@ class Namespace:
             return []
         with self._unanswered_lock:
             owners, self._unanswered = self._unanswered, []
-        return [self._release(owner, "", "", 0) for owner in owners]
+        return [self._release(owner, codec.RELEASED, "", 0) for owner in owners]
 
     def learn(self, trait: str) -> Call[Any]:
         """Record a trait of K2's server for the namespace (see :data:`redis_layout.LEARN`)."""
@@ -346,6 +348,8 @@ class Namespace:
             return None
         if ann.error_code is not None:
             return WaitOutcome(None, ann.error_code, holdoff_ms=ann.holdoff_ms)
+        if ann.released:  # the lock is free again: try for it now
+            return WaitOutcome(None)
         if ann.stored is None:  # a token dropped: nothing for a waiter
             return None
         return WaitOutcome(Snapshot(ann.stored, ann.ttl_ms, time.monotonic(), time.time()))

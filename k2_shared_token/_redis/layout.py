@@ -186,12 +186,12 @@ if ARGV[4] ~= '' then
   if type(redis.pcall('INCR', KEYS[3])) ~= 'number' then redis.call('SET', KEYS[3], 1) end
   redis.call('PEXPIRE', KEYS[3], ARGV[5] + 600000)
 end
-if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
 """Give the lock back without a token, telling waiters why so they need not wait out the lease.
 
-KEYS: lock, backoff, failures. ARGV: owner, channel, announcement ('' for none), hold-off value
+KEYS: lock, backoff, failures. ARGV: owner, channel, announcement, hold-off value
 (``<code>:<fingerprint>``, '' for none), hold-off ms. Only the owner may release, and only the
 owner records a hold-off: a holder that stalled past its lease reports nothing.
 """
