@@ -798,3 +798,34 @@ def test_an_interruption_after_a_failed_publish_does_not_go_back_to_redis() -> N
     guard.saw(TryLock(min_ttl_ms=0), lock)
     guard.failed(Exchange())  # the flow releases the lock itself: still held until then
     assert guard.pending() == Release(lock)
+
+
+def test_a_reply_slower_than_its_grant_is_dead_on_arrival_and_asked_again() -> None:
+    """``expires_in`` counts from the request: a reply that took longer than the grant (a
+    reused token near its end, a slow server) is not published nor handed out."""
+    clock = Clock(1000.0)
+    late = IssuedToken(TOKEN, "Bearer", 1, 998.5, 1.7e9, 1.5)  # asked 1.5 s ago, for 1 s
+    script = Script(
+        (TryLock, attempt(acquired=True, fence=9)),
+        (Exchange, late),
+        (Pause, None),
+        (Exchange, ISSUED),
+        (Publish, _publish_as_driver(clock)),
+    )
+    result = drive(obtain(WINDOWS, None, 1020.0, clock), script)
+    assert result.stored.value == NEW_TOKEN
+    assert script.finished()
+
+
+def test_the_local_fallback_never_hands_out_a_dead_reply() -> None:
+    """Without Redis the same rule holds: one more ask after the server's rounding, then an
+    error rather than a token K2 would refuse."""
+    expired = IssuedToken(TOKEN, "Bearer", 0, 1000.0, 1.7e9, 0.01)
+    script = Script((Exchange, expired), (Pause, None), (Exchange, ISSUED))
+    flow = obtain(WINDOWS, None, 2000.0, Clock(1000.0), local=LocalFailures(), shared=False)
+    assert drive(flow, script).stored.value == NEW_TOKEN
+    script = Script((Exchange, expired), (Pause, None), (Exchange, expired))
+    flow = obtain(WINDOWS, None, 2000.0, Clock(1000.0), local=LocalFailures(), shared=False)
+    with pytest.raises(TokenUnavailableError, match="expired"):
+        drive(flow, script)
+    assert script.finished()

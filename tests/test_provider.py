@@ -26,7 +26,8 @@ from k2_shared_token import (
     TokenEndpointError,
     TokenUnavailableError,
 )
-from k2_shared_token._redis.codec import decode
+from k2_shared_token._core.tokens import IssuedToken
+from k2_shared_token._redis.codec import RELEASED, decode
 from k2_shared_token.testing.fake_k2 import (
     DEFAULT_CLIENT_ID,
     DEFAULT_CLIENT_SECRET,
@@ -576,3 +577,23 @@ def test_a_redirect_from_k2_is_never_followed_even_by_a_users_client(
         assert elsewhere.token_requests == 0
         assert fake_k2.token_requests == 1
         assert CLIENT_SECRET not in str(caught.value)
+
+
+def test_a_token_dead_by_the_time_it_is_published_gives_the_lock_back_announced(
+    make_provider: Make, redis_client: redis.Redis
+) -> None:
+    """The store's backstop for a token that died between the flow's check and the write:
+    nothing is shared, the lock is released and that is announced (no lease sat out)."""
+    provider = make_provider()
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(provider.keys.channel)
+    try:
+        assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+        lock = provider._store.try_lock(0)
+        assert lock.acquired
+        dead = IssuedToken("t" * 40, "Bearer", 1, time.monotonic() - 2, time.time() - 2, 2.0)
+        assert provider._store.publish(lock, dead).ttl_ms <= 0
+        assert not redis_client.exists(provider.keys.lock, provider.keys.token)
+        assert pubsub.get_message(timeout=5)["data"] == RELEASED.encode()
+    finally:
+        pubsub.close()

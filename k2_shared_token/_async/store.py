@@ -141,8 +141,7 @@ class AsyncRedisStore:
         keep: Snapshot | None = None,
     ) -> Snapshot:
         snap, call = self.ops.publish(lock, issued, reuse, keep)
-        if call is not None:
-            await self.run(call)
+        await self.run(call)
         return snap
 
     async def release(

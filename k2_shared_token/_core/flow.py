@@ -206,13 +206,23 @@ def _exchange_and_publish(
             if previous.expires_at - clock() > margin:
                 return (yield from _publish(lock, issued, clock, local=local, reuse=True,
                                             keep=previous))  # fmt: skip
-        elif issued.expires_in > 0:
+        elif _alive(issued, clock):
             return (yield from _publish(lock, issued, clock, local=local, reuse=reuse, keep=None))
         if attempt == 1:
             yield from perform(Pause(REUSE_ALLOWANCE))
     with contextlib.suppress(K2TokenError):
         yield from perform(Release(lock))
-    raise TokenUnavailableError("K2 handed back an already expired token twice")
+    raise TokenUnavailableError(_EXPIRED_TWICE)
+
+
+_EXPIRED_TWICE = "K2 handed back an already expired token twice"
+
+
+def _alive(issued: IssuedToken, clock: Callable[[], float]) -> bool:
+    """Whether a reply still has life in it once it is here: ``expires_in`` counts from the
+    request, so a zero grant, or a reply that took longer than the grant (a reused token near
+    its end, a slow server), is dead on arrival and must not be handed out."""
+    return issued.requested_at + issued.expires_in - clock() > LAST_RESORT_MARGIN
 
 
 def _exchange(lock: LockAttempt, backoff: BackoffPolicy) -> Flow[IssuedToken]:
@@ -252,13 +262,18 @@ def _local(
 ) -> Flow[Snapshot]:
     """Without Redis: exchange in this process, under the same hold-off policy kept locally."""
     local.check(clock())
-    try:
-        issued = yield from perform(Exchange())
-    except K2TokenError as exc:
-        local.failed(exc, backoff, clock())
-        raise
-    local.succeeded()
-    return own_snapshot(issued, 0, clock())
+    for attempt in (1, 2):
+        try:
+            issued = yield from perform(Exchange())
+        except K2TokenError as exc:
+            local.failed(exc, backoff, clock())
+            raise
+        if _alive(issued, clock):
+            local.succeeded()
+            return own_snapshot(issued, 0, clock())
+        if attempt == 1:  # as with Redis: once the server's rounding has passed, a new token
+            yield from perform(Pause(REUSE_ALLOWANCE))
+    raise TokenUnavailableError(_EXPIRED_TWICE)
 
 
 def _through_redis(

@@ -230,14 +230,15 @@ class Namespace:
         issued: IssuedToken,
         reuse: bool = False,
         keep: Snapshot | None = None,
-    ) -> tuple[Snapshot, Call[bool] | None]:
-        """The token as this holder will hold it, and the write (None if it already expired).
-        ``reuse`` (see :class:`.flow.Publish`) is also recorded for the namespace, so the
-        fleet remembers it past this token's life."""
+    ) -> tuple[Snapshot, Call[bool]]:
+        """The token as this holder will hold it, and the write: the lock given back instead if
+        the token died since the flow judged it alive (nothing to share, and the waiters must
+        not sit out the lease). ``reuse`` (see :class:`.flow.Publish`) is also recorded for the
+        namespace, so the fleet remembers it past this token's life."""
         snap = own_snapshot(issued, lock.fence, time.monotonic(), reuse=reuse, keep=keep)
         stored, k = snap.stored, self.keys
         if snap.ttl_ms <= 0:
-            return snap, None
+            return snap, self._release(lock.owner, codec.RELEASED, "", 0)
         value = codec.encode(
             stored.value,
             stored.token_type,

@@ -141,8 +141,7 @@ class RedisStore:
         keep: Snapshot | None = None,
     ) -> Snapshot:
         snap, call = self.ops.publish(lock, issued, reuse, keep)
-        if call is not None:
-            self.run(call)
+        self.run(call)
         return snap
 
     def release(
