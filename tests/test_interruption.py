@@ -34,6 +34,7 @@ from k2_shared_token._core import local_copy
 from k2_shared_token._core.local_copy import LocalCopy
 from k2_shared_token._core.tokens import Snapshot, StoredToken
 from k2_shared_token._core.windows import Windows
+from k2_shared_token._redis.codec import RELEASED
 from k2_shared_token._redis.commands import Namespace
 from k2_shared_token._redis.layout import Keys
 from k2_shared_token.testing.fake_k2 import FakeK2Server
@@ -513,3 +514,41 @@ def test_a_client_that_cannot_subscribe_is_a_configuration_error(
     with pytest.raises(ConfigurationError, match="subscribe"):
         AsyncSharedTokenProvider(**kwargs(redis_server, fake_k2, redis=client))
     asyncio.run(client.aclose())
+
+
+def test_closing_mid_flow_gives_the_lock_back_without_failing_the_fleet(
+    make_provider: Make, side: str, redis_client: redis.Redis, fake_k2: FakeK2Server
+) -> None:
+    """A provider closed while its flow holds the lock (a worker shutting down) refuses the
+    exchange. It gives the lock back announced as released, not as a failure: waiting callers
+    in other processes would raise that failure, and nothing is wrong with K2."""
+    provider = make_provider()
+    target = provider._target if side == "async" else provider
+    real = target._store.try_lock
+    if side == "sync":
+
+        def lock_then_close(min_ttl_ms: int) -> Any:
+            lock = real(min_ttl_ms)
+            target.close()
+            return lock
+
+    else:
+
+        async def lock_then_close(min_ttl_ms: int) -> Any:  # type: ignore[misc]
+            lock = await real(min_ttl_ms)
+            await target.aclose()
+            return lock
+
+    target._store.try_lock = lock_then_close
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(provider.keys.channel)
+    try:
+        assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+        with pytest.raises(ConfigurationError, match="closed"):
+            provider.get_token()
+        message = pubsub.get_message(timeout=5)
+        assert message is not None and message["data"] == RELEASED.encode(), message
+    finally:
+        pubsub.close()
+    assert not redis_client.exists(provider.keys.lock)
+    assert fake_k2.token_requests == 0

@@ -340,8 +340,9 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
         error. Returns the flow's result and whether it waited or exchanged (a miss).
 
         Anything but a :class:`K2TokenError` (a cancellation, ``KeyboardInterrupt``, a gevent
-        ``Timeout``, a bug) closes the flow; what it holds in Redis is settled first
-        (:class:`.._core.flow.LockGuard`), so the fleet never sits out a lease for it.
+        ``Timeout``, a bug) closes the flow, as does any error once the provider is closed;
+        what it holds in Redis is settled first (:class:`.._core.flow.LockGuard`), so the fleet
+        never sits out a lease for it.
         """
         guard = flow.LockGuard()
         missed = False
@@ -358,8 +359,14 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
             try:
                 result, error = await self._do(effect, caller=caller), None
             except K2TokenError as exc:
-                result, error = None, exc
                 guard.failed(effect)
+                if self._closed:
+                    # Closed mid-flow (its effects refused): settled as an interruption, not
+                    # told to the fleet as a failure that would fail the waiting callers.
+                    steps.close()
+                    await self._settle(guard.pending(), exc)
+                    raise
+                result, error = None, exc
             except BaseException as exc:
                 steps.close()
                 await self._settle(guard.pending(), exc)

@@ -341,8 +341,9 @@ class SharedTokenProvider(ProviderExtras):
         error. Returns the flow's result and whether it waited or exchanged (a miss).
 
         Anything but a :class:`K2TokenError` (a cancellation, ``KeyboardInterrupt``, a gevent
-        ``Timeout``, a bug) closes the flow; what it holds in Redis is settled first
-        (:class:`.._core.flow.LockGuard`), so the fleet never sits out a lease for it.
+        ``Timeout``, a bug) closes the flow, as does any error once the provider is closed;
+        what it holds in Redis is settled first (:class:`.._core.flow.LockGuard`), so the fleet
+        never sits out a lease for it.
         """
         guard = flow.LockGuard()
         missed = False
@@ -359,8 +360,14 @@ class SharedTokenProvider(ProviderExtras):
             try:
                 result, error = self._do(effect, caller=caller), None
             except K2TokenError as exc:
-                result, error = None, exc
                 guard.failed(effect)
+                if self._closed:
+                    # Closed mid-flow (its effects refused): settled as an interruption, not
+                    # told to the fleet as a failure that would fail the waiting callers.
+                    steps.close()
+                    self._settle(guard.pending(), exc)
+                    raise
+                result, error = None, exc
             except BaseException as exc:
                 steps.close()
                 self._settle(guard.pending(), exc)
