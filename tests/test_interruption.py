@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError as FutureCancelled
 from typing import Any
 
 import httpx
@@ -550,5 +551,45 @@ def test_closing_mid_flow_gives_the_lock_back_without_failing_the_fleet(
         assert message is not None and message["data"] == RELEASED.encode(), message
     finally:
         pubsub.close()
+    assert not redis_client.exists(provider.keys.lock)
+    assert fake_k2.token_requests == 0
+
+
+def test_an_interruption_landing_inside_the_lock_attempt_strands_no_lock(
+    make_provider: Make, side: str, redis_client: redis.Redis, fake_k2: FakeK2Server
+) -> None:
+    """Ctrl-C (or a cancellation, on the asyncio side) arrives after the lock script ran but
+    before its reply was read: this process never learnt it holds the lock. The attempt is
+    given back at once (owner-only), so the fleet does not sit out the lease."""
+    provider = make_provider(lock_lease=10)
+    target = provider._target if side == "async" else provider
+    real = target._store._eval
+    interrupt: type[BaseException] = KeyboardInterrupt if side == "sync" else asyncio.CancelledError
+    locked: list[bool] = []
+
+    def took_the_lock() -> bool:
+        locked.append(bool(redis_client.exists(provider.keys.lock)))
+        return locked[-1]
+
+    if side == "sync":
+
+        def eval_then_interrupt(call: Any) -> Any:
+            reply = real(call)
+            if call.what == "lock" and took_the_lock():
+                raise interrupt
+            return reply
+
+    else:
+
+        async def eval_then_interrupt(call: Any) -> Any:  # type: ignore[misc]
+            reply = await real(call)
+            if call.what == "lock" and took_the_lock():
+                raise interrupt
+            return reply
+
+    target._store._eval = eval_then_interrupt
+    with pytest.raises((KeyboardInterrupt, asyncio.CancelledError, FutureCancelled)):
+        provider.get_token()
+    assert locked == [True]
     assert not redis_client.exists(provider.keys.lock)
     assert fake_k2.token_requests == 0

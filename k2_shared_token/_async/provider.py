@@ -376,6 +376,8 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
 
     async def _settle(self, pending: flow.Effect[Any] | None, exc: BaseException) -> None:
         if pending is None:
+            # Interrupted inside a lock attempt, perhaps after the script took the lock.
+            await self._store.release_orphans()
             return
         publish = isinstance(pending, flow.Publish)
         settled = "published its token" if publish else "released its lock"

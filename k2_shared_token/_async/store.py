@@ -99,13 +99,23 @@ class AsyncRedisStore:
         except REDIS_FAILURES as exc:
             self.ops.unanswered(call)
             raise cache_error(call.what, exc) from exc
+        except BaseException:
+            # Interrupted (a cancellation, Ctrl-C) with the script perhaps run: a lock it took
+            # has no owner left in this process to give it back.
+            self.ops.unanswered(call)
+            raise
+        await self.release_orphans()
+        return call.parse(reply)
+
+    async def release_orphans(self) -> None:
+        """Give back the lock attempts left without a reply (owner-only, so harmless when
+        they took nothing). Best effort: an orphan's lease frees it anyway."""
         for cleanup in self.ops.cleanups():
             try:
                 await self._eval(cleanup)
-            except REDIS_FAILURES as exc:  # best effort: the orphan's lease frees it anyway
+            except REDIS_FAILURES as exc:
                 failure = type(exc).__name__
                 log.debug("namespace %s: orphan release failed (%s)", self.namespace, failure)
-        return call.parse(reply)
 
     async def _eval(self, call: Call[Any]) -> Any:
         script, keys, args = call.script, call.keys, call.args
