@@ -122,7 +122,9 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
             recheck_unshared=s.redis_cooldown,
             idle=s.local_idle,
         )
-        # Only the fallback's single-flight leader touches it: no lock needed.
+        # Touched by the fallback's exchanges: the callers' single flight, and a refresh job
+        # that may overlap it (still exchanging when the copy runs out). Plain values, no lock:
+        # an overlap at worst loses a count of the failure streak.
         self._local_failures = LocalFailures() if s.fallback else None
         self._revocations = LocalRevocations()
         self._learned_revoke = False

@@ -100,7 +100,7 @@ class LocalRevocations:
 
 class LocalFailures:
     """The hold-off of a process that cannot reach Redis (local fallback): same policy, kept in
-    memory. Mutated only by the flow's local branch, under the provider's single flight."""
+    memory. Mutated only by the flow's local branch (see the provider for who runs it)."""
 
     def __init__(self) -> None:
         self.streak = 0

@@ -104,8 +104,9 @@ class RedisStore:
             # has no owner left in this process to give it back.
             self.ops.unanswered(call)
             raise
+        result = call.parse(reply)  # first: a snapshot's age counts from this reply
         self.release_orphans()
-        return call.parse(reply)
+        return result
 
     def release_orphans(self) -> None:
         """Give back the lock attempts left without a reply (owner-only, so harmless when
