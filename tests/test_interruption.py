@@ -38,7 +38,7 @@ from k2_shared_token._core.windows import Windows
 from k2_shared_token._redis.codec import RELEASED
 from k2_shared_token._redis.commands import Namespace
 from k2_shared_token._redis.layout import Keys
-from k2_shared_token.testing.fake_k2 import FakeK2Server
+from k2_shared_token.testing.fake_k2 import FakeK2Server, Fault
 from k2_shared_token.testing.redis_server import EmbeddedRedis
 from tests.both_ways import EventLoopThread, maker
 from tests.conftest import provider_kwargs, wait_until
@@ -593,3 +593,87 @@ def test_an_interruption_landing_inside_the_lock_attempt_strands_no_lock(
     assert locked == [True]
     assert not redis_client.exists(provider.keys.lock)
     assert fake_k2.token_requests == 0
+
+
+def test_an_interruption_while_orphans_are_released_strands_neither_them_nor_the_new_lock(
+    make_provider: Make, side: str, redis_client: redis.Redis, fake_k2: FakeK2Server
+) -> None:
+    """A lock attempt's reply came back (the lock is ours), then the store gives back an
+    earlier orphaned attempt, and the interruption lands in that release: the new lock never
+    reached the flow. Both are given back when the flow settles."""
+    provider = make_provider(lock_lease=10)
+    target = provider._target if side == "async" else provider
+    store = target._store
+    orphan = store.ops.try_lock(0)
+    orphan.args[0] = "an-earlier-attempt"
+    store.ops.unanswered(orphan)
+    real = store._eval
+    interrupt: type[BaseException] = KeyboardInterrupt if side == "sync" else asyncio.CancelledError
+    interrupted: list[str] = []
+
+    def first_release(call: Any) -> bool:
+        if call.what == "release" and not interrupted:
+            interrupted.append(str(redis_client.get(provider.keys.lock)))
+            return True
+        return False
+
+    if side == "sync":
+
+        def eval_interrupting(call: Any) -> Any:
+            if first_release(call):
+                raise interrupt
+            return real(call)
+
+    else:
+
+        async def eval_interrupting(call: Any) -> Any:  # type: ignore[misc]
+            if first_release(call):
+                raise interrupt
+            return await real(call)
+
+    store._eval = eval_interrupting
+    with pytest.raises((KeyboardInterrupt, asyncio.CancelledError, FutureCancelled)):
+        provider.get_token()
+    assert interrupted and interrupted[0] != "None"  # the new lock was held at that moment
+    assert not redis_client.exists(provider.keys.lock)
+    assert not store.ops.cleanups()
+    assert fake_k2.token_requests == 0
+
+
+def test_a_real_failure_after_close_is_still_told_to_the_fleet_with_its_hold_off(
+    make_provider: Make, side: str, redis_client: redis.Redis, paused: FakeK2Server
+) -> None:
+    """Closed while its exchange is in flight, then K2 fails it: that is a real failure, so
+    the fleet hears it with its hold-off (only the refusal of a closed provider's own steps is
+    settled as an interruption)."""
+    fake_k2 = paused
+    fake_k2.inject(Fault.status(503))
+    session: Any = requests.Session() if side == "sync" else httpx.AsyncClient()
+    provider = make_provider(session=session, max_attempts=1)
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(provider.keys.channel)
+    seen: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            provider.get_token()
+        except BaseException as exc:
+            seen.append(exc)
+
+    caller = threading.Thread(target=call)
+    try:
+        assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+        caller.start()
+        assert fake_k2.wait_for_token_requests(1, 5)
+        provider.close()
+        fake_k2.resume_tokens()
+        caller.join(10)
+        message = pubsub.get_message(timeout=5)
+        assert message is not None and message["data"].startswith(b"Eunavailable:"), message
+        assert [type(e).__name__ for e in seen] == ["TokenEndpointUnavailableError"]
+    finally:
+        pubsub.close()
+        if side == "sync":
+            session.close()
+        else:
+            provider._loop.run(session.aclose())

@@ -35,6 +35,7 @@ from .._core.backoff import (
     credentials_fingerprint,
 )
 from .._core.errors import (
+    ClosedMidFlowError,
     ConfigurationError,
     InvalidTokenError,
     K2TokenError,
@@ -360,26 +361,29 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
                 self._metrics.record(metrics.MISS)
             try:
                 result, error = await self._do(effect, caller=caller), None
+            except ClosedMidFlowError as exc:
+                # Closed mid-flow: settled as an interruption, not told to the fleet as a
+                # failure that would fail the callers waiting in other processes.
+                steps.close()
+                await self._settle(guard.pending(), exc, effect)
+                raise
             except K2TokenError as exc:
-                guard.failed(effect)
-                if self._closed:
-                    # Closed mid-flow (its effects refused): settled as an interruption, not
-                    # told to the fleet as a failure that would fail the waiting callers.
-                    steps.close()
-                    await self._settle(guard.pending(), exc)
-                    raise
                 result, error = None, exc
+                guard.failed(effect)
             except BaseException as exc:
                 steps.close()
-                await self._settle(guard.pending(), exc)
+                await self._settle(guard.pending(), exc, effect)
                 raise
             else:
                 guard.saw(effect, result)
 
-    async def _settle(self, pending: flow.Effect[Any] | None, exc: BaseException) -> None:
+    async def _settle(
+        self, pending: flow.Effect[Any] | None, exc: BaseException, effect: flow.Effect[Any]
+    ) -> None:
         if pending is None:
-            # Interrupted inside a lock attempt, perhaps after the script took the lock.
-            await self._store.release_orphans()
+            if isinstance(effect, flow.TryLock):
+                # Interrupted inside the lock attempt, perhaps after the script took the lock.
+                await self._store.release_orphans()
             return
         publish = isinstance(pending, flow.Publish)
         settled = "published its token" if publish else "released its lock"
@@ -392,7 +396,7 @@ class AsyncSharedTokenProvider(AsyncProviderExtras):
     async def _do(self, effect: flow.Effect[Any], *, caller: bool = False) -> Any:
         """Perform one effect, with its metrics and logs."""
         if self._closed and not isinstance(effect, (flow.Publish, flow.Release)):
-            raise ConfigurationError(f"{type(self).__name__} is closed")
+            raise ClosedMidFlowError(f"{type(self).__name__} is closed")
         started = time.monotonic()
         try:
             result = await self._perform(effect, caller)

@@ -27,6 +27,11 @@ class ConfigurationError(K2TokenError, ValueError):
     code = "configuration"
 
 
+class ClosedMidFlowError(ConfigurationError):
+    """Internal: an effect refused because the provider was closed while its flow ran. The
+    driver settles the flow's lock as for an interruption; callers see a ConfigurationError."""
+
+
 class TokenEndpointError(K2TokenError):
     """The token endpoint did not hand out a usable token.
 

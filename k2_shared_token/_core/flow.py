@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from .backoff import BackoffPolicy, LocalFailures, is_credentials_error
-from .errors import K2TokenError, SharedCacheError, TokenUnavailableError, error_from_report
+from .errors import (
+    InvalidTokenResponseError,
+    K2TokenError,
+    SharedCacheError,
+    TokenUnavailableError,
+    error_from_report,
+)
 from .tokens import IssuedToken, Snapshot, StoredToken
 from .windows import REUSE_ALLOWANCE, REUSE_MARGIN, Windows
 
@@ -210,12 +216,15 @@ def _exchange_and_publish(
             return (yield from _publish(lock, issued, clock, local=local, reuse=reuse, keep=None))
         if attempt == 1:
             yield from perform(Pause(REUSE_ALLOWANCE))
-    with contextlib.suppress(K2TokenError):
-        yield from perform(Release(lock))
-    raise TokenUnavailableError(_EXPIRED_TWICE)
+    dead = _expired_twice()
+    yield from _give_up(lock, backoff, dead)
+    raise dead
 
 
-_EXPIRED_TWICE = "K2 handed back an already expired token twice"
+def _expired_twice() -> InvalidTokenResponseError:
+    # A reply that is no use, like a garbage one: the fleet is held off as for any failure, or
+    # every waiter would take the lock in turn and ask twice more.
+    return InvalidTokenResponseError("K2 handed back an already expired token twice")
 
 
 def _alive(issued: IssuedToken, clock: Callable[[], float]) -> bool:
@@ -229,14 +238,18 @@ def _exchange(lock: LockAttempt, backoff: BackoffPolicy) -> Flow[IssuedToken]:
     try:
         return (yield from perform(Exchange()))
     except K2TokenError as exc:
-        # Give the lock back, tell the waiters why and hold the fleet off K2 for a while. If
-        # Redis fails here too, the lease frees the lock anyway; the exchange error is the one
-        # the caller can act on.
-        holdoff = backoff.holdoff(exc, lock.streak + 1)
-        release = Release(lock, exc.code, int(holdoff * 1000), is_credentials_error(exc))
-        with contextlib.suppress(K2TokenError):
-            yield from perform(release)
+        yield from _give_up(lock, backoff, exc)
         raise
+
+
+def _give_up(lock: LockAttempt, backoff: BackoffPolicy, exc: K2TokenError) -> Flow[None]:
+    """Give the lock back, tell the waiters why and hold the fleet off K2 for a while. If
+    Redis fails here too, the lease frees the lock anyway; the exchange's error is the one the
+    caller can act on."""
+    holdoff = backoff.holdoff(exc, lock.streak + 1)
+    release = Release(lock, exc.code, int(holdoff * 1000), is_credentials_error(exc))
+    with contextlib.suppress(K2TokenError):
+        yield from perform(release)
 
 
 def _publish(
@@ -249,12 +262,15 @@ def _publish(
     keep: Snapshot | None,
 ) -> Flow[Snapshot]:
     try:
-        return (yield from perform(Publish(lock, issued, reuse, keep)))
+        snap = yield from perform(Publish(lock, issued, reuse, keep))
     except SharedCacheError:
         if local is None:
             raise
         # Redis went away mid-exchange: the token is good, keep it in this process.
         return own_snapshot(issued, 0, clock(), reuse=reuse, keep=keep)
+    if snap.ttl_ms <= 0:  # it died since _alive(): the store gave the lock back instead
+        raise TokenUnavailableError("the token K2 granted expired before it could be shared")
+    return snap
 
 
 def _local(
@@ -273,7 +289,9 @@ def _local(
             return own_snapshot(issued, 0, clock())
         if attempt == 1:  # as with Redis: once the server's rounding has passed, a new token
             yield from perform(Pause(REUSE_ALLOWANCE))
-    raise TokenUnavailableError(_EXPIRED_TWICE)
+    dead = _expired_twice()
+    local.failed(dead, backoff, clock())
+    raise dead
 
 
 def _through_redis(

@@ -304,6 +304,12 @@ class Namespace:
             owners, self._unanswered = self._unanswered, []
         return [self._release(owner, codec.RELEASED, "", 0) for owner in owners]
 
+    def orphaned(self, releases: list[Call[bool]]) -> None:
+        """Releases from :meth:`cleanups` that were not sent: kept for the next chance."""
+        with self._unanswered_lock:
+            owners = [call.args[0] for call in releases]
+            self._unanswered = [*self._unanswered, *owners][-8:]
+
     def learn(self, trait: str) -> Call[Any]:
         """Record a trait of K2's server for the namespace (see :data:`redis_layout.LEARN`)."""
         return Call("learn", LEARN, [self.keys.server], [trait], lambda reply: reply)

@@ -105,18 +105,28 @@ class RedisStore:
             self.ops.unanswered(call)
             raise
         result = call.parse(reply)  # first: a snapshot's age counts from this reply
-        self.release_orphans()
+        try:
+            self.release_orphans()
+        except BaseException:
+            self.ops.unanswered(call)  # interrupted here: the flow never gets this lock attempt
+            raise
         return result
 
     def release_orphans(self) -> None:
         """Give back the lock attempts left without a reply (owner-only, so harmless when
-        they took nothing). Best effort: an orphan's lease frees it anyway."""
-        for cleanup in self.ops.cleanups():
+        they took nothing). Best effort, and at most one failed round trip: the rest are kept
+        for later (as on an interruption), and an orphan's lease frees it anyway."""
+        cleanups = self.ops.cleanups()
+        for i, cleanup in enumerate(cleanups):
             try:
                 self._eval(cleanup)
-            except REDIS_FAILURES as exc:
+            except BaseException as exc:
+                self.ops.orphaned(cleanups[i:])
+                if not isinstance(exc, REDIS_FAILURES):
+                    raise
                 failure = type(exc).__name__
                 log.debug("namespace %s: orphan release failed (%s)", self.namespace, failure)
+                return
 
     def _eval(self, call: Call[Any]) -> Any:
         script, keys, args = call.script, call.keys, call.args
