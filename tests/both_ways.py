@@ -16,6 +16,8 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+import httpx
+import requests
 from requests.auth import AuthBase
 
 from k2_shared_token import AsyncSharedTokenProvider
@@ -94,3 +96,19 @@ def maker(side: str, loop: Callable[[], EventLoopThread]) -> Callable[..., Any]:
 
         return SharedTokenProvider
     return lambda **kwargs: BlockingView(loop(), **kwargs)
+
+
+def users_http_client(side: str, **httpx_options: Any) -> Any:
+    """An HTTP client of ``side``'s kind, built as a user passes it (``session=``): theirs to
+    close, with :func:`close_users_http_client`. requests follows redirects by default."""
+    if side == "sync":
+        return requests.Session()
+    return httpx.AsyncClient(**httpx_options)
+
+
+def close_users_http_client(provider: Any, client: Any) -> None:
+    """Close it on its side: an httpx.AsyncClient on the provider's event loop."""
+    if isinstance(client, requests.Session):
+        client.close()
+    else:
+        provider._loop.run(client.aclose())

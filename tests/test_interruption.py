@@ -40,7 +40,7 @@ from k2_shared_token._redis.commands import Namespace
 from k2_shared_token._redis.layout import Keys
 from k2_shared_token.testing.fake_k2 import FakeK2Server, Fault
 from k2_shared_token.testing.redis_server import EmbeddedRedis
-from tests.both_ways import EventLoopThread, maker
+from tests.both_ways import EventLoopThread, close_users_http_client, maker, users_http_client
 from tests.conftest import provider_kwargs, wait_until
 
 Make = Callable[..., SharedTokenProvider]
@@ -648,7 +648,7 @@ def test_a_real_failure_after_close_is_still_told_to_the_fleet_with_its_hold_off
     settled as an interruption)."""
     fake_k2 = paused
     fake_k2.inject(Fault.status(503))
-    session: Any = requests.Session() if side == "sync" else httpx.AsyncClient()
+    session = users_http_client(side)
     provider = make_provider(session=session, max_attempts=1)
     pubsub = redis_client.pubsub()
     pubsub.subscribe(provider.keys.channel)
@@ -673,7 +673,4 @@ def test_a_real_failure_after_close_is_still_told_to_the_fleet_with_its_hold_off
         assert [type(e).__name__ for e in seen] == ["TokenEndpointUnavailableError"]
     finally:
         pubsub.close()
-        if side == "sync":
-            session.close()
-        else:
-            provider._loop.run(session.aclose())
+        close_users_http_client(provider, session)

@@ -8,9 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
-import httpx
 import pytest
 import redis
 import requests
@@ -34,6 +32,7 @@ from k2_shared_token.testing.fake_k2 import (
     FakeK2Server,
     Fault,
 )
+from tests.both_ways import close_users_http_client, users_http_client
 from tests.conftest import CLIENT_SECRET, command_calls, provider_kwargs, wait_until
 
 Make = Callable[..., SharedTokenProvider]
@@ -559,9 +558,7 @@ def test_a_redirect_from_k2_is_never_followed_even_by_a_users_client(
     another host (for revoke, the token too). Neither side follows one, even through a user's
     client that follows redirects (requests' default; httpx's when asked)."""
     with FakeK2Server() as elsewhere:
-        session: Any = (
-            requests.Session() if side == "sync" else httpx.AsyncClient(follow_redirects=True)
-        )
+        session = users_http_client(side, follow_redirects=True)
         location = {"Location": f"{elsewhere.base_url}/oauth/token"}
         fake_k2.inject(Fault.status(status, headers=location))
         provider = make_provider(session=session, max_attempts=1)
@@ -570,10 +567,7 @@ def test_a_redirect_from_k2_is_never_followed_even_by_a_users_client(
                 provider.get_token()
         finally:
             provider.close()
-            if side == "sync":
-                session.close()
-            else:
-                provider._loop.run(session.aclose())
+            close_users_http_client(provider, session)
         assert elsewhere.token_requests == 0
         assert fake_k2.token_requests == 1
         assert CLIENT_SECRET not in str(caught.value)
