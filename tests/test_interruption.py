@@ -674,3 +674,40 @@ def test_a_real_failure_after_close_is_still_told_to_the_fleet_with_its_hold_off
     finally:
         pubsub.close()
         close_users_http_client(provider, session)
+
+
+def test_an_interruption_outside_a_lock_attempt_does_not_go_back_to_redis_for_orphans(
+    make_provider: Make, side: str, redis_client: redis.Redis, fake_k2: FakeK2Server
+) -> None:
+    """Interrupted while it waits for another holder, a flow holds nothing: settling it sends
+    nothing (Redis may be what it was stuck on). Earlier orphaned attempts stay recorded, for
+    the next call that Redis answers."""
+    provider = make_provider(lock_lease=10)
+    target = provider._target if side == "async" else provider
+    store = target._store
+    redis_client.set(provider.keys.lock, b"another-holder", px=10_000)
+    interrupt: type[BaseException] = KeyboardInterrupt if side == "sync" else asyncio.CancelledError
+
+    def orphan_then_interrupt() -> None:
+        # An attempt of another thread went unanswered meanwhile (its lock attempt timed out).
+        orphan = store.ops.try_lock(0)
+        orphan.args[0] = "an-earlier-attempt"
+        store.ops.unanswered(orphan)
+        raise interrupt
+
+    if side == "sync":
+
+        def wait_interrupted(*args: Any) -> Any:
+            orphan_then_interrupt()
+
+    else:
+
+        async def wait_interrupted(*args: Any) -> Any:  # type: ignore[misc]
+            orphan_then_interrupt()
+
+    store.wait = wait_interrupted
+    with pytest.raises((KeyboardInterrupt, asyncio.CancelledError, FutureCancelled)):
+        provider.get_token()
+    assert [c.args[0] for c in store.ops.cleanups()] == ["an-earlier-attempt"]
+    assert redis_client.get(provider.keys.lock) == b"another-holder"
+    assert fake_k2.token_requests == 0
