@@ -831,3 +831,18 @@ def test_the_local_fallback_never_hands_out_a_dead_reply() -> None:
     flow = obtain(WINDOWS, None, 2000.0, Clock(1000.0), local=local, shared=False)
     with pytest.raises(InvalidTokenResponseError):
         drive(flow, Script())
+
+
+def test_a_token_that_died_while_redis_failed_its_write_is_not_kept_by_the_fallback() -> None:
+    """Redis failing slowly at the publish (a timeout longer than the token's remaining life):
+    the fallback keeps the token only if it still lives."""
+    clock = Clock(1000.0)
+    short = IssuedToken(NEW_TOKEN, "Bearer", 2, 1000.0, 1.7e9, 0.01)
+
+    def slow_failure(effect: Effect[Any]) -> Any:
+        clock.now += 3.0
+        raise SharedCacheError("timed out")
+
+    script = Script((TryLock, won()), (Exchange, short), (Publish, slow_failure))
+    with pytest.raises(TokenUnavailableError, match="expired"):
+        drive(obtain(WINDOWS, None, 2000.0, clock, local=LocalFailures()), script)

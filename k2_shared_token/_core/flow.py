@@ -267,9 +267,10 @@ def _publish(
         if local is None:
             raise
         # Redis went away mid-exchange: the token is good, keep it in this process.
-        return own_snapshot(issued, 0, clock(), reuse=reuse, keep=keep)
-    if snap.ttl_ms <= 0:  # it died since _alive(): the store gave the lock back instead
-        raise TokenUnavailableError("the token K2 granted expired before it could be shared")
+        snap = own_snapshot(issued, 0, clock(), reuse=reuse, keep=keep)
+    # Dead since _alive() (a slow write, or Redis failing slowly): the store gave the lock back.
+    if snap.ttl_ms <= 0:
+        raise TokenUnavailableError("the token K2 granted expired before it could be kept")
     return snap
 
 

@@ -308,7 +308,7 @@ class Namespace:
         """Releases from :meth:`cleanups` that were not sent: kept for the next chance."""
         with self._unanswered_lock:
             owners = [call.args[0] for call in releases]
-            self._unanswered = [*self._unanswered, *owners][-8:]
+            self._unanswered = [*owners, *self._unanswered][-8:]  # older first: keep the newest
 
     def learn(self, trait: str) -> Call[Any]:
         """Record a trait of K2's server for the namespace (see :data:`redis_layout.LEARN`)."""

@@ -382,8 +382,9 @@ class SharedTokenProvider(ProviderExtras):
         self, pending: flow.Effect[Any] | None, exc: BaseException, effect: flow.Effect[Any]
     ) -> None:
         if pending is None:
-            if isinstance(effect, flow.TryLock):
-                # Interrupted inside the lock attempt, perhaps after the script took the lock.
+            if isinstance(effect, flow.TryLock) and not isinstance(exc, ClosedMidFlowError):
+                # Interrupted inside the lock attempt, perhaps after the script took the lock
+                # (a refused one was never sent).
                 self._store.release_orphans()
             return
         publish = isinstance(pending, flow.Publish)
