@@ -112,3 +112,43 @@ def close_users_http_client(provider: Any, client: Any) -> None:
         client.close()
     else:
         provider._loop.run(client.aclose())
+
+
+def underlying(provider: Any) -> Any:
+    """The provider itself (behind a :class:`BlockingView`, the asyncio one), to patch parts
+    of it with :func:`around`."""
+    return provider._target if isinstance(provider, BlockingView) else provider
+
+
+def around(
+    real: Callable[..., Any],
+    *,
+    before: Callable[..., None] | None = None,
+    after: Callable[..., Any] | None = None,
+) -> Callable[..., Any]:
+    """``real`` (a method of either side) with ``before(*args)`` run ahead of it and
+    ``after(result, *args)`` after it; either may raise, to interrupt the call there. On the
+    asyncio side an awaitable ``after`` returns is awaited (``aclose()``, say)."""
+    if not inspect.iscoroutinefunction(real):
+
+        def blocking(*args: Any) -> Any:
+            if before is not None:
+                before(*args)
+            result = real(*args)
+            if after is not None:
+                after(result, *args)
+            return result
+
+        return blocking
+
+    async def asyncio_side(*args: Any) -> Any:
+        if before is not None:
+            before(*args)
+        result = await real(*args)
+        if after is not None:
+            pending = after(result, *args)
+            if inspect.isawaitable(pending):
+                await pending
+        return result
+
+    return asyncio_side

@@ -40,7 +40,14 @@ from k2_shared_token._redis.commands import Namespace
 from k2_shared_token._redis.layout import Keys
 from k2_shared_token.testing.fake_k2 import FakeK2Server, Fault
 from k2_shared_token.testing.redis_server import EmbeddedRedis
-from tests.both_ways import EventLoopThread, close_users_http_client, maker, users_http_client
+from tests.both_ways import (
+    EventLoopThread,
+    around,
+    close_users_http_client,
+    maker,
+    underlying,
+    users_http_client,
+)
 from tests.conftest import provider_kwargs, wait_until
 
 Make = Callable[..., SharedTokenProvider]
@@ -517,6 +524,16 @@ def test_a_client_that_cannot_subscribe_is_a_configuration_error(
     asyncio.run(client.aclose())
 
 
+def interruption(side: str) -> type[BaseException]:
+    """What interrupts a call: Ctrl-C on the blocking side; on the asyncio side a cancellation
+    (a KeyboardInterrupt would end the tests' event loop)."""
+    return KeyboardInterrupt if side == "sync" else asyncio.CancelledError
+
+
+# ... as the caller sees it (through a BlockingView, a cancelled task is a cancelled future).
+INTERRUPTED = (KeyboardInterrupt, asyncio.CancelledError, FutureCancelled)
+
+
 def test_closing_mid_flow_gives_the_lock_back_without_failing_the_fleet(
     make_provider: Make, side: str, redis_client: redis.Redis, fake_k2: FakeK2Server
 ) -> None:
@@ -524,23 +541,9 @@ def test_closing_mid_flow_gives_the_lock_back_without_failing_the_fleet(
     exchange. It gives the lock back announced as released, not as a failure: waiting callers
     in other processes would raise that failure, and nothing is wrong with K2."""
     provider = make_provider()
-    target = provider._target if side == "async" else provider
-    real = target._store.try_lock
-    if side == "sync":
-
-        def lock_then_close(min_ttl_ms: int) -> Any:
-            lock = real(min_ttl_ms)
-            target.close()
-            return lock
-
-    else:
-
-        async def lock_then_close(min_ttl_ms: int) -> Any:  # type: ignore[misc]
-            lock = await real(min_ttl_ms)
-            await target.aclose()
-            return lock
-
-    target._store.try_lock = lock_then_close
+    target = underlying(provider)
+    close = target.close if side == "sync" else target.aclose
+    target._store.try_lock = around(target._store.try_lock, after=lambda *_: close())
     pubsub = redis_client.pubsub()
     pubsub.subscribe(provider.keys.channel)
     try:
@@ -562,33 +565,17 @@ def test_an_interruption_landing_inside_the_lock_attempt_strands_no_lock(
     before its reply was read: this process never learnt it holds the lock. The attempt is
     given back at once (owner-only), so the fleet does not sit out the lease."""
     provider = make_provider(lock_lease=10)
-    target = provider._target if side == "async" else provider
-    real = target._store._eval
-    interrupt: type[BaseException] = KeyboardInterrupt if side == "sync" else asyncio.CancelledError
+    store = underlying(provider)._store
     locked: list[bool] = []
 
-    def took_the_lock() -> bool:
-        locked.append(bool(redis_client.exists(provider.keys.lock)))
-        return locked[-1]
+    def interrupt_once_locked(reply: Any, call: Any) -> None:
+        if call.what == "lock":
+            locked.append(bool(redis_client.exists(provider.keys.lock)))
+            if locked[-1]:
+                raise interruption(side)
 
-    if side == "sync":
-
-        def eval_then_interrupt(call: Any) -> Any:
-            reply = real(call)
-            if call.what == "lock" and took_the_lock():
-                raise interrupt
-            return reply
-
-    else:
-
-        async def eval_then_interrupt(call: Any) -> Any:  # type: ignore[misc]
-            reply = await real(call)
-            if call.what == "lock" and took_the_lock():
-                raise interrupt
-            return reply
-
-    target._store._eval = eval_then_interrupt
-    with pytest.raises((KeyboardInterrupt, asyncio.CancelledError, FutureCancelled)):
+    store._eval = around(store._eval, after=interrupt_once_locked)
+    with pytest.raises(INTERRUPTED):
         provider.get_token()
     assert locked == [True]
     assert not redis_client.exists(provider.keys.lock)
@@ -602,37 +589,19 @@ def test_an_interruption_while_orphans_are_released_strands_neither_them_nor_the
     earlier orphaned attempt, and the interruption lands in that release: the new lock never
     reached the flow. Both are given back when the flow settles."""
     provider = make_provider(lock_lease=10)
-    target = provider._target if side == "async" else provider
-    store = target._store
+    store = underlying(provider)._store
     orphan = store.ops.try_lock(0)
     orphan.args[0] = "an-earlier-attempt"
     store.ops.unanswered(orphan)
-    real = store._eval
-    interrupt: type[BaseException] = KeyboardInterrupt if side == "sync" else asyncio.CancelledError
     interrupted: list[str] = []
 
-    def first_release(call: Any) -> bool:
+    def interrupt_the_first_release(call: Any) -> None:
         if call.what == "release" and not interrupted:
             interrupted.append(str(redis_client.get(provider.keys.lock)))
-            return True
-        return False
+            raise interruption(side)
 
-    if side == "sync":
-
-        def eval_interrupting(call: Any) -> Any:
-            if first_release(call):
-                raise interrupt
-            return real(call)
-
-    else:
-
-        async def eval_interrupting(call: Any) -> Any:  # type: ignore[misc]
-            if first_release(call):
-                raise interrupt
-            return await real(call)
-
-    store._eval = eval_interrupting
-    with pytest.raises((KeyboardInterrupt, asyncio.CancelledError, FutureCancelled)):
+    store._eval = around(store._eval, before=interrupt_the_first_release)
+    with pytest.raises(INTERRUPTED):
         provider.get_token()
     assert interrupted and interrupted[0] != "None"  # the new lock was held at that moment
     assert not redis_client.exists(provider.keys.lock)
@@ -683,30 +652,18 @@ def test_an_interruption_outside_a_lock_attempt_does_not_go_back_to_redis_for_or
     nothing (Redis may be what it was stuck on). Earlier orphaned attempts stay recorded, for
     the next call that Redis answers."""
     provider = make_provider(lock_lease=10)
-    target = provider._target if side == "async" else provider
-    store = target._store
+    store = underlying(provider)._store
     redis_client.set(provider.keys.lock, b"another-holder", px=10_000)
-    interrupt: type[BaseException] = KeyboardInterrupt if side == "sync" else asyncio.CancelledError
 
-    def orphan_then_interrupt() -> None:
+    def orphan_then_interrupt(*args: Any) -> None:
         # An attempt of another thread went unanswered meanwhile (its lock attempt timed out).
         orphan = store.ops.try_lock(0)
         orphan.args[0] = "an-earlier-attempt"
         store.ops.unanswered(orphan)
-        raise interrupt
+        raise interruption(side)
 
-    if side == "sync":
-
-        def wait_interrupted(*args: Any) -> Any:
-            orphan_then_interrupt()
-
-    else:
-
-        async def wait_interrupted(*args: Any) -> Any:  # type: ignore[misc]
-            orphan_then_interrupt()
-
-    store.wait = wait_interrupted
-    with pytest.raises((KeyboardInterrupt, asyncio.CancelledError, FutureCancelled)):
+    store.wait = around(store.wait, before=orphan_then_interrupt)
+    with pytest.raises(INTERRUPTED):
         provider.get_token()
     assert [c.args[0] for c in store.ops.cleanups()] == ["an-earlier-attempt"]
     assert redis_client.get(provider.keys.lock) == b"another-holder"
