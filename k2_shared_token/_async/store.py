@@ -96,13 +96,12 @@ class AsyncRedisStore:
     async def run(self, call: Call[R]) -> R:
         try:
             reply = await self._eval(call)
-        except REDIS_FAILURES as exc:
+        except BaseException as exc:
+            # No reply, or an interruption (a cancellation, Ctrl-C) after the script perhaps
+            # ran: a lock it took has no owner left in this process to give it back.
             self.ops.unanswered(call)
-            raise cache_error(call.what, exc) from exc
-        except BaseException:
-            # Interrupted (a cancellation, Ctrl-C) with the script perhaps run: a lock it took
-            # has no owner left in this process to give it back.
-            self.ops.unanswered(call)
+            if isinstance(exc, REDIS_FAILURES):
+                raise cache_error(call.what, exc) from exc
             raise
         result = call.parse(reply)  # first: a snapshot's age counts from this reply
         try:

@@ -131,7 +131,7 @@ def ping_worker(
     warmed, listening = False, not provider.settings.backplane
     barrier.wait(60)
     if delay > 0:
-        time.sleep(delay)  # a staggered start: this process begins its load later
+        stop.wait(delay)  # a staggered start: this process begins its load later
     started = time.time()
     while not stop.is_set():
         calls += 1
@@ -178,8 +178,8 @@ def ping_worker(
                     failures.append(f"HTTP {status}: {reply.text[:200]}")
                 if status == 401:
                     ended_401.append([began, fp])
-        if pause:
-            time.sleep(pause)
+        if pause and stop.wait(pause):  # the load's pace; a stop ends it at once
+            break
     ended_at = time.time()
     session.close()
     stats = provider.stats()
